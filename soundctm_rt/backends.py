@@ -1,0 +1,132 @@
+"""Inference sessions on onnxruntime or OpenVINO behind one small interface: run(feeds) -> outputs.
+
+Settings follow DESIGN.md: onnxruntime with explicit intra-op threads, inter-op 1, sequential execution, all
+graph optimisations and spinning off while audio plays; OpenVINO with the LATENCY hint, f32 precision pinned
+(it silently picks bf16 on CPUs that have it), a thread count and a compiled-model cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .bundle import BACKENDS, Bundle, BundleError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    backend: str = "onnxruntime"  # "onnxruntime" | "openvino"
+    device: str = "cpu"  # "cpu" | "gpu" | "npu" where the backend has it
+    threads: int | None = None  # None: all cores, or cores - 1 when audio runs
+    audio_active: bool = False  # a real-time audio callback shares the machine: no spinning, leave a core
+    cache_dir: str | None = None  # OpenVINO compiled-model cache
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
+        if self.device not in ("cpu", "gpu", "npu"):
+            raise ValueError(f"device must be cpu, gpu or npu, not {self.device!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
+
+    def resolved_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        n = os.cpu_count() or 1
+        return max(1, n - 1) if self.audio_active else n
+
+
+class Session(Protocol):
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class OrtSession:
+    def __init__(self, path: Path, opts: BackendOptions) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = opts.resolved_threads()
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if opts.audio_active:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        if opts.device == "gpu":
+            avail = ort.get_available_providers()
+            gpu = [p for p in ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider") if p in avail]
+            if not gpu:
+                raise BundleError(f"onnxruntime has no GPU provider here (available: {avail}); use --device cpu")
+            providers = [gpu[0], *providers]
+        elif opts.device == "npu":
+            raise BundleError("onnxruntime has no NPU device here; use --backend openvino --device npu")
+        try:
+            self.sess = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:
+            raise BundleError(f"onnxruntime could not load {path.name}: {e}") from e
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sess.run(None, feeds)
+
+
+class OpenVINOSession:
+    def __init__(self, xml: Path, weights: Path | None, opts: BackendOptions) -> None:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise BundleError("the openvino backend needs OpenVINO: pip install 'soundctm-rt[openvino]'") from e
+        self.core = ov.Core()  # kept alive as long as the compiled model: OpenVINO needs its Core
+        device = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}[opts.device]
+        if device not in self.core.available_devices:
+            raise BundleError(f"OpenVINO has no {device} here (available: {self.core.available_devices})")
+        config = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": opts.resolved_threads(),
+        }
+        if device != "CPU":
+            config = {"PERFORMANCE_HINT": "LATENCY"}
+        if opts.cache_dir:
+            config["CACHE_DIR"] = opts.cache_dir
+        try:
+            model = self.core.read_model(str(xml), str(weights)) if weights else self.core.read_model(str(xml))
+            self.compiled = self.core.compile_model(model, device, config)
+        except Exception as e:
+            raise BundleError(f"OpenVINO could not load {xml.name}: {e}") from e
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        return [np.array(self.request.get_output_tensor(i).data) for i in range(len(self.output_names))]
+
+
+def open_session(bundle: Bundle, graph: str, opts: BackendOptions) -> Session:
+    """A session for one graph of a bundle on the chosen backend."""
+    spec = bundle.graph(graph)
+    if opts.backend not in spec.files:
+        raise BundleError(f"graph '{graph}' of bundle {bundle.root} has no {opts.backend} file")
+    path = bundle.path(spec.files[opts.backend])
+    if opts.backend == "onnxruntime":
+        return OrtSession(path, opts)
+    w = spec.weights.get("openvino")
+    return OpenVINOSession(path, bundle.path(w) if w else None, opts)
+
+
+def open_file_session(path: Path, opts: BackendOptions, weights: Path | None = None) -> Session:
+    """A session straight from a graph file (export's parity gate, before a manifest exists)."""
+    return OrtSession(path, opts) if opts.backend == "onnxruntime" else OpenVINOSession(path, weights, opts)
