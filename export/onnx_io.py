@@ -29,6 +29,8 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: l
                 dynamic_batch: list[str] | None = None) -> onnx.ModelProto:
     """Export one wrapper with the dynamo exporter; `dynamic_batch` names inputs whose dim 0 is dynamic."""
     module.eval()
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     dynamic_shapes: Any = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=64)

@@ -23,6 +23,7 @@ from ..bundle import write_manifest
 from ..train.checkpoint import ModelSource
 from ..train.edm import karras_sigmas
 from ..train.models.text import MINILM_LICENSE, MINILM_SOURCE, load_tokenizer, tokenize, tokenizer_file
+from .graph_facts import count_flops, torch_param_map
 from .onnx_io import SharedWeights, export_onnx, io_contract
 from .openvino_io import SharedIRWeights
 from .parity import ParityError, compare
@@ -170,6 +171,9 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
             onnx_path = out / "onnx" / f"{gr.name}.onnx"
             model = export_onnx(gr.module, gr.args, onnx_path, gr.inputs, gr.outputs, gr.dynamic_batch)
             inputs, outputs = io_contract(model)
+            gr.attrs["flops"] = count_flops(onnx_path)
+            if gr.name == "student_step":  # lets `bench` run the same weights in torch eager
+                gr.attrs["torch_params"] = torch_param_map(gr.module, onnx_path)
             onnx_w.externalize(onnx_path)
             onnx_w.f.flush()
             files = {"onnxruntime": f"onnx/{gr.name}.onnx"}

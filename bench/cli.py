@@ -1,0 +1,57 @@
+"""`soundctm-rt bench ...`: the CPU benchmark (the group's default) and the daemon's latency/soak benches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Benchmarks. Without a subcommand: per-step RTF on this machine (--device cpu).",
+                  invoke_without_command=True)
+
+
+@app.callback()
+def cpu(
+    ctx: typer.Context,
+    device: str = typer.Option("cpu", help="cpu (gpu/npu where the backend has them)."),
+    backend: str = typer.Option("all", help="onnxruntime, openvino or all."),
+    steps: str = typer.Option("1,2,4,8,16", help="Step counts, comma-separated."),
+    bundle: Path | None = typer.Option(None, help="Bundle (default: the shipped model)."),
+    runs: int = typer.Option(20, min=1, help="Timed runs per cell, after warm-up."),
+    warmup: int = typer.Option(3, min=0, help="Untimed runs per cell first."),
+    threads: int | None = typer.Option(None, min=1, help="Intra-op threads (default: all cores)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the full report as JSON."),
+    plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot of RTF per step count."),
+    no_torch: bool = typer.Option(False, "--no-torch", help="Skip the torch-eager comparison."),
+) -> None:
+    """Per backend and step count: RTF end to end and per stage, p50/p95/p99, vs torch eager and the peak."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..bundle import BundleError, resolve_bundle
+    from .cpu import format_table, plot, run_cpu_bench
+
+    backends = ["onnxruntime", "openvino"] if backend == "all" else [backend]
+    if any(b not in ("onnxruntime", "openvino") for b in backends):
+        typer.secho(f"error: --backend must be onnxruntime, openvino or all, not {backend!r}", err=True, fg="red")
+        raise typer.Exit(2)
+    try:
+        step_list = [int(s) for s in steps.split(",") if s.strip()]
+        if not step_list or any(not 1 <= s <= 64 for s in step_list):
+            raise ValueError
+    except ValueError:
+        typer.secho(f"error: --steps must be integers in [1, 64] separated by commas, got {steps!r}", err=True,
+                    fg="red")
+        raise typer.Exit(2) from None
+    try:
+        report = run_cpu_bench(resolve_bundle(bundle), backends, step_list, runs, warmup, threads,
+                               torch_eager=not no_torch, device=device)
+    except BundleError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        raise typer.Exit(2) from None
+    typer.echo(format_table(report))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if plot_path:
+        plot(report, plot_path)

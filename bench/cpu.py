@@ -1,0 +1,223 @@
+"""`soundctm-rt bench --device cpu`: per backend and step count, RTF end to end and per stage.
+
+Every figure is measured in this run: warm-up first, then `runs` timed generations, p50/p95/p99. The torch
+figure runs the same student weights (read back from the bundle's ONNX file) in torch eager in this process,
+so the backend-vs-torch ratio is taken on one machine in one run. The student's achieved FLOP/s is its FLOPs
+per step (counted from the graph at export) over the measured step time, against numpy's measured fp32
+matmul peak on all cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..engine import Engine, Timing
+from .machine import fingerprint, matmul_peak_gflops
+
+log = logging.getLogger(__name__)
+PROMPT = "Roland TR-808 snare drum"
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
+
+
+def _summary(backend: str, steps: int, path: str, timings: list[Timing], flops_step: int) -> dict[str, Any]:
+    rtf = [t.rtf for t in timings]
+    step = [s for t in timings for s in t.step_ms]
+    stages: dict[str, float] = {
+        "text": pct([t.text_ms for t in timings], 50),
+        "sample": pct([t.sample_ms for t in timings], 50),
+        "decode": pct([t.decode_ms for t in timings], 50),
+        "total": pct([t.total_ms for t in timings], 50),
+    }
+    row: dict[str, Any] = {
+        "backend": backend, "steps": steps, "path": path,
+        "rtf_p50": pct(rtf, 50), "rtf_p95": pct(rtf, 95), "rtf_p99": pct(rtf, 99),
+        "stages_ms": stages, "audio_seconds": timings[0].audio_seconds, "runs": len(timings),
+        "total_ms_p50": stages["total"], "total_ms_p99": pct([t.total_ms for t in timings], 99),
+    }
+    if step:
+        stages["step"] = pct(step, 50)
+        stages["step_p99"] = pct(step, 99)
+        row["step_rtf_p50"] = stages["step"] / 1e3 / timings[0].audio_seconds
+        row["student_gflops"] = flops_step / (stages["step"] / 1e3) / 1e9 if flops_step else None
+    return row
+
+
+def bench_backend(bundle: Bundle, backend: str, steps_list: list[int], runs: int, warmup: int,
+                  threads: int | None, device: str) -> list[dict[str, Any]]:
+    eng = Engine(bundle, backend=backend, device=device, threads=threads, warmup=True)
+    flops_step = int(bundle.graph("student_step").attrs.get("flops", 0))
+    rows = []
+    for steps in steps_list:
+        paths = (["fused"] if eng.has_fused(steps) else []) + ["host"]
+        for path in paths:
+            timings = []
+            for i in range(warmup + runs):
+                eng._cache.clear()  # text encoding is part of every measured generation
+                _, t = eng.generate(PROMPT, seed=i, steps=steps, fused=(path == "fused"))
+                if i >= warmup:
+                    timings.append(t)
+            rows.append(_summary(backend, steps, path, timings, flops_step))
+            log.info("%s %d steps %s: RTF p50 %.4f", backend, steps, path, rows[-1]["rtf_p50"])
+    return rows
+
+
+def bench_torch_eager(bundle: Bundle, steps_list: list[int], runs: int, warmup: int,
+                      threads: int | None) -> tuple[list[dict[str, Any]], str | None]:
+    """The same student in torch eager, per step. Returns (rows, reason it was skipped or None)."""
+    try:
+        import torch
+
+        from .torch_student import load_student_from_bundle
+    except ImportError as e:
+        return [], f"torch or the export extra is not installed ({e})"
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    try:
+        step, feeds = load_student_from_bundle(bundle)
+    except (KeyError, ValueError) as e:
+        return [], f"could not rebuild the student in torch: {e}"
+    audio_seconds = bundle.manifest["latent"]["frames"] * bundle.manifest["latent"]["hop"] / bundle.sample_rate
+    flops_step = int(bundle.graph("student_step").attrs.get("flops", 0))
+    rows = []
+    with torch.inference_mode():
+        for steps in steps_list:
+            times: list[float] = []
+            per_gen: list[float] = []
+            for i in range(warmup + runs):
+                t_gen = 0.0
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    step(*feeds)
+                    dt = 1e3 * (time.perf_counter() - t0)
+                    t_gen += dt
+                    if i >= warmup:
+                        times.append(dt)
+                if i >= warmup:
+                    per_gen.append(t_gen)
+            rtf = [t / 1e3 / audio_seconds for t in per_gen]
+            rows.append({
+                "backend": "torch", "steps": steps, "path": "host",
+                "rtf_p50": pct(rtf, 50), "rtf_p95": pct(rtf, 95), "rtf_p99": pct(rtf, 99),
+                "stages_ms": {"step": pct(times, 50), "step_p99": pct(times, 99), "sample": pct(per_gen, 50)},
+                "audio_seconds": audio_seconds, "runs": runs,
+                "step_rtf_p50": pct(times, 50) / 1e3 / audio_seconds,
+                "student_gflops": flops_step / (pct(times, 50) / 1e3) / 1e9 if flops_step else None,
+                "note": "student steps only (text encoding and decoding are not run in torch)",
+            })
+    return rows, None
+
+
+def run_cpu_bench(bundle_path: Path, backends: list[str], steps_list: list[int], runs: int = 20, warmup: int = 3,
+                  threads: int | None = None, torch_eager: bool = True, device: str = "cpu") -> dict[str, Any]:
+    bundle = Bundle.open(bundle_path)
+    report: dict[str, Any] = {"machine": fingerprint(), "bundle": {
+        "path": str(bundle.root), "name": bundle.name, "fused_steps": bundle.fused_steps,
+        "student_flops_per_step": int(bundle.graph("student_step").attrs.get("flops", 0)),
+        "audio_seconds": bundle.manifest["latent"]["frames"] * bundle.manifest["latent"]["hop"] / bundle.sample_rate,
+    }, "settings": {"runs": runs, "warmup": warmup, "threads": threads or os.cpu_count(), "prompt": PROMPT,
+                    "device": device}}
+    report["peak_gflops"] = matmul_peak_gflops()
+    results: list[dict[str, Any]] = []
+    for backend in backends:
+        results += bench_backend(bundle, backend, steps_list, runs, warmup, threads, device)
+    report["results"] = results
+    if torch_eager:
+        rows, why = bench_torch_eager(bundle, steps_list, runs, warmup, threads)
+        report["torch_eager"] = rows
+        if why:
+            report["torch_eager_skipped"] = why
+    else:
+        report["torch_eager"] = []
+        report["torch_eager_skipped"] = "--no-torch"
+    report["ratios"] = ratios(report)
+    return report
+
+
+def ratios(report: dict[str, Any]) -> dict[str, Any]:
+    """Per-step speed-up of each backend over torch eager, and the student's share of the matmul peak."""
+    out: dict[str, Any] = {}
+    torch_step = {r["steps"]: r["stages_ms"]["step"] for r in report.get("torch_eager", [])}
+    peak = report["peak_gflops"]
+    for r in report["results"]:
+        if r["path"] != "host" or "step" not in r["stages_ms"]:
+            continue
+        key = f"{r['backend']}_{r['steps']}step"
+        if r["steps"] in torch_step:
+            out[f"{key}_speedup_vs_torch"] = torch_step[r["steps"]] / r["stages_ms"]["step"]
+        if r.get("student_gflops"):
+            out[f"{key}_fraction_of_peak"] = r["student_gflops"] / peak
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"machine: {m.get('cpu_model', m['machine'])}, {m['cpus_usable']} cores; fp32 matmul peak "
+        f"{report['peak_gflops']:.1f} GFLOP/s; bundle {report['bundle']['name']} "
+        f"({report['bundle']['audio_seconds']:.2f} s clips, {report['bundle']['student_flops_per_step'] / 1e6:.1f} "
+        "MFLOP per student step)",
+        f"{'backend':<12}{'steps':>5} {'path':<6}{'RTF p50':>9}{'p95':>9}{'p99':>9}{'text ms':>9}{'step ms':>9}"
+        f"{'decode ms':>10}{'total ms':>10}{'GFLOP/s':>9}{'%peak':>7}",
+    ]
+    for r in report["results"] + report.get("torch_eager", []):
+        st = r["stages_ms"]
+        gf = r.get("student_gflops")
+        lines.append(
+            f"{r['backend']:<12}{r['steps']:>5} {r['path']:<6}{r['rtf_p50']:>9.4f}{r['rtf_p95']:>9.4f}"
+            f"{r['rtf_p99']:>9.4f}{_f(st.get('text')):>9}{_f(st.get('step')):>9}{_f(st.get('decode')):>10}"
+            f"{_f(st.get('total', st.get('sample'))):>10}{_f(gf):>9}"
+            f"{_pct_of_peak(gf, report['peak_gflops']):>7}"
+        )
+    if report.get("torch_eager_skipped"):
+        lines.append(f"torch eager: skipped ({report['torch_eager_skipped']})")
+    for k, v in report["ratios"].items():
+        lines.append(f"{k}: {v:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def _pct_of_peak(gf: float | None, peak: float) -> str:
+    return f"{100 * gf / peak:.0f}%" if gf else "-"
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.2f}"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """RTF p50 (bars: p50, whiskers to p99) per step count and backend, log scale."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from e
+    rows = report["results"] + report.get("torch_eager", [])
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault(f"{r['backend']} ({r['path']})", []).append(r)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, rs in series.items():
+        xs = [r["steps"] for r in rs]
+        ys = [r["rtf_p50"] for r in rs]
+        err = [[0 for _ in rs], [r["rtf_p99"] - r["rtf_p50"] for r in rs]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("student steps")
+    ax.set_ylabel("real-time factor (lower is faster)")
+    ax.set_title(f"{report['bundle']['name']} on {report['machine'].get('cpu_model', '?')}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,59 @@
+"""Machine fingerprint and measured fp32 matmul peak, recorded with every benchmark."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any
+
+import numpy as np
+
+
+def fingerprint() -> dict[str, Any]:
+    """What the figures were measured on."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "numpy": np.__version__,
+    }
+    try:
+        text = open("/proc/cpuinfo").read()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+        info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    except OSError:
+        pass
+    try:
+        mem = next(ln for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
+        info["mem_gb"] = round(int(mem.split()[1]) / 1e6, 1)
+    except (OSError, StopIteration):
+        pass
+    if hasattr(os, "getloadavg"):
+        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    for mod in ("onnxruntime", "openvino", "torch"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    return info
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 8) -> float:
+    """Best achieved fp32 GFLOP/s of an n×n matmul on all cores (numpy's BLAS): the machine's practical peak."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up: thread pool start, page faults
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9

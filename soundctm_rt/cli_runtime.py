@@ -1,0 +1,134 @@
+"""`soundctm-rt generate` and `soundctm-rt info`: torch-free commands over a bundle."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .bundle import Bundle, BundleError, resolve_bundle
+
+BACKEND_HELP = "Inference backend: onnxruntime or openvino."
+
+
+def _fail(msg: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def generate(
+    prompt: str = typer.Argument(..., help="What to hear, e.g. 'Roland TR-808 kick drum'."),
+    output: Path = typer.Option(Path("out.wav"), "--output", "-o", help="WAV file to write; with --variations K, "
+                                "K files NAME_000.wav ... or, if the path is a folder, files inside it."),
+    steps: int | None = typer.Option(None, help="Student steps (default: the bundle's, usually 1)."),
+    gamma: float | None = typer.Option(None, help="γ in [0, 1]: 0 = deterministic CTM, 1 = consistency-model."),
+    cfg: float | None = typer.Option(None, "--cfg", "--omega", help="Guidance scale ω the student was trained on."),
+    nu: float | None = typer.Option(None, help="ν-guidance of the student (1 = none, skips the unconditional pass)."),
+    seed: int = typer.Option(0, help="Seed of all noise: the same seed gives the same sound."),
+    duration: float | None = typer.Option(None, help="Seconds (at most the model's clip length)."),
+    variations: int = typer.Option(1, min=1, max=1024, help="K takes with seeds seed, seed+1, ..."),
+    bundle: Path | None = typer.Option(None, help="Bundle directory or zip (default: the shipped model)."),
+    backend: str = typer.Option("onnxruntime", help=BACKEND_HELP),
+    device: str = typer.Option("cpu", help="cpu, gpu or npu (where the backend has it)."),
+    threads: int | None = typer.Option(None, min=1, help="Intra-op threads (default: all cores)."),
+    fmt: str = typer.Option("PCM_16", "--subtype", help="WAV subtype: PCM_16, PCM_24 or FLOAT."),
+    json_out: bool = typer.Option(False, "--json", help="Print the timing records as JSON lines."),
+) -> None:
+    """Generate sound from a text prompt and write WAV files."""
+    import soundfile as sf
+
+    from .engine import Engine
+
+    if fmt not in ("PCM_16", "PCM_24", "FLOAT"):
+        raise _fail(f"--subtype must be PCM_16, PCM_24 or FLOAT, not {fmt!r}")
+    if output.suffix.lower() != ".wav" and not (variations > 1 and (output.is_dir() or output.suffix == "")):
+        raise _fail(f"--output must end in .wav (or be a folder with --variations), got {output}")
+    try:
+        eng = Engine(resolve_bundle(bundle), backend=backend, device=device, threads=threads, warmup=False)
+        eng.check_params(steps=steps, gamma=gamma, omega=cfg, nu=nu, duration=duration, seed=seed)
+        if seed + variations - 1 > 2**63 - 1:
+            raise ValueError("seed + variations exceeds the seed range")
+    except (BundleError, ValueError) as e:
+        raise _fail(str(e)) from None
+    paths = _output_paths(output, variations)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for k, path in enumerate(paths):
+        audio, timing = eng.generate(prompt, seed=seed + k, steps=steps, gamma=gamma, omega=cfg, nu=nu,
+                                     duration=duration)
+        sf.write(str(path), audio, eng.sample_rate, subtype=fmt)
+        if json_out:
+            typer.echo(json.dumps({"file": str(path), "seed": seed + k, **timing.to_dict()}))
+        else:
+            typer.echo(f"{path}  {timing.audio_seconds:.2f} s  {timing.total_ms:.1f} ms  RTF {timing.rtf:.4f} "
+                       f"({timing.path})")
+
+
+def _output_paths(output: Path, k: int) -> list[Path]:
+    if k == 1:
+        return [output]
+    if output.is_dir() or output.suffix == "":
+        return [output / f"take_{i:03d}.wav" for i in range(k)]
+    return [output.with_name(f"{output.stem}_{i:03d}.wav") for i in range(k)]
+
+
+def info(
+    bundle: Path | None = typer.Argument(None, help="Bundle directory or zip (default: the shipped model)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw manifest."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the sha256 check of every file."),
+) -> None:
+    """Print a bundle's manifest in human form."""
+    try:
+        b = Bundle.open(resolve_bundle(bundle), verify=not no_verify)
+    except BundleError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps(b.manifest, indent=2))
+        return
+    sys.stdout.write(describe(b))
+
+
+def describe(b: Bundle) -> str:
+    m = b.manifest
+    lat, g, edm, text = m["latent"], m["guidance"], m["edm"], m["text"]
+    cfg = m["model"].get("config", {})
+    prov = m["model"].get("provenance", {})
+    total = sum(f["bytes"] for f in m["files"].values())
+    lines = [
+        f"bundle      {b.root}",
+        f"model       {m['model'].get('name')}  (schema v{m['schema_version']}, {total / 1e6:.1f} MB in "
+        f"{len(m['files'])} files)",
+        f"provenance  {_kv(prov)}",
+        f"audio       {m['audio']['sample_rate']} Hz, {m['audio']['channels']} channel(s); clip "
+        f"{lat['frames'] * lat['hop'] / m['audio']['sample_rate']:.2f} s",
+        f"latent      {lat['channels']} ch x {lat['frames']} frames at {lat['frame_rate']:.2f} Hz "
+        f"(hop {lat['hop']}); decoder context {lat['decoder_context']} frames, stream chunk {lat['stream_chunk']}",
+        f"edm         sigma {edm['sigma_min']} .. {edm['sigma_max']}, rho {edm['rho']}, sigma_data {edm['sigma_data']}",
+        f"guidance    omega trained on [{g['omega_min']}, {g['omega_max']}]; defaults omega {g['default_omega']}, "
+        f"nu {g['default_nu']}, gamma {g['default_gamma']}, steps {g['default_steps']}",
+        f"text        {text['encoder']} (hidden {text['hidden']}, max {text['max_length']} tokens, {text['tokenizer']})",
+    ]
+    if "dit" in cfg:
+        d = cfg["dit"]
+        lines.append(f"student     DiT width {d['width']}, depth {d['depth']}, heads {d['heads']}")
+    lines.append(f"fused       steps {m.get('fused_steps')}")
+    lines.append("graphs")
+    par = m.get("parity", {}).get("graphs", {})
+    for name, spec in m["graphs"].items():
+        ins = ", ".join(f"{i['name']}{list(i['shape'])}" for i in spec["inputs"])
+        outs = ", ".join(f"{o['name']}{list(o['shape'])}" for o in spec["outputs"])
+        snr = "; ".join(f"{be} " + ", ".join(f"{o} {v['snr_db']} dB" for o, v in r.items())
+                        for be, r in par.get(name, {}).items())
+        lines.append(f"  {name:<19} {ins} -> {outs}")
+        lines.append(f"  {'':<19} backends: {', '.join(spec['files'])}; parity vs torch: {snr or 'n/a'}")
+    for name, v in (m.get("int8") or {}).items():
+        lines.append(f"  {name:<19} INT8 ({v['file']}): {_kv(v.get('quality', {}))}")
+    for lic in m.get("licenses", []):
+        lines.append(f"licence     {lic['component']}: {lic['name']} — {lic['license']} ({lic['source']})")
+    return "\n".join(lines) + "\n"
+
+
+def _kv(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items() if v is not None) or "-"

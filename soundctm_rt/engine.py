@@ -1,0 +1,345 @@
+"""The torch-free inference engine: bundle -> sessions -> audio, with a timing record per stage.
+
+Two paths give the same result for the same seed (a test holds them to it):
+- fused: one call of `fused_N` (the γ-loop unrolled, decode fused in) when ν = 1 and N is exported;
+- host: the numpy γ-loop of `sampling.py` over `student_step`, then `vae_decoder` — any step count, ν-guidance,
+  stoppable between steps, and the streaming decoder so audio can start before the whole clip is decoded.
+An Engine is meant for one thread (OpenVINO infer requests are not thread-safe); make one per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import BackendOptions, Session, open_session
+from .bundle import Bundle, BundleError, resolve_bundle
+from .sampling import draw_noise, karras_sigmas, nu_guided, sample_gamma
+from .text import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS = 64
+MAX_SEED = 2**63 - 1
+FADE_SECONDS = 0.005  # fade-out where a clip is cut short, so the cut does not click
+
+
+@dataclass
+class Timing:
+    """Wall-clock figures of one generation, milliseconds; rtf = total time / audio duration."""
+
+    text_ms: float = 0.0
+    step_ms: list[float] = field(default_factory=list)  # each student jump (host path)
+    sample_ms: float = 0.0  # all sampling (the fused call, or the sum of the steps)
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    audio_seconds: float = 0.0
+    rtf: float = 0.0
+    path: str = "host"  # "fused" | "host" | "stream"
+    first_chunk_ms: float | None = None  # stream: time to the first decoded chunk
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    tokens: np.ndarray  # [1, L, Dt] float32
+    token_mask: np.ndarray  # [1, L] float32
+    pooled: np.ndarray  # [1, Dt] float32
+
+
+class Engine:
+    """Loads a bundle on a backend and generates audio from prompts.
+
+    Args:
+        bundle: bundle directory or zip (None: the shipped default model), or an opened Bundle.
+        backend: "onnxruntime" or "openvino".
+        device: "cpu", "gpu" or "npu" where the backend has it.
+        threads: intra-op threads (None: all cores, or cores - 1 when audio_active).
+        audio_active: a real-time audio callback shares the machine (no spinning, one core left free).
+        prompt_cache: how many prompt embeddings to keep (LRU).
+        warmup: run every default-path graph once at load, so the first real call is not slow.
+    """
+
+    def __init__(self, bundle: str | os.PathLike[str] | Bundle | None = None, backend: str = "onnxruntime",
+                 device: str = "cpu", threads: int | None = None, audio_active: bool = False,
+                 prompt_cache: int = 256, warmup: bool = True, verify: bool = True) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(resolve_bundle(bundle), verify=verify)
+        self.opts = BackendOptions(backend=backend, device=device, threads=threads, audio_active=audio_active,
+                                   cache_dir=str(Path(self.bundle.root) / ".ov_cache") if backend == "openvino"
+                                   and os.access(self.bundle.root, os.W_OK) else None)
+        m = self.bundle.manifest
+        self.sample_rate = int(m["audio"]["sample_rate"])
+        lat = m["latent"]
+        self.latent_shape = (1, int(lat["channels"]), int(lat["frames"]))
+        self.hop = int(lat["hop"])
+        self.context = int(lat["decoder_context"])
+        self.max_duration = self.latent_shape[2] * self.hop / self.sample_rate
+        e = m["edm"]
+        self.sigma_min, self.sigma_max, self.rho = float(e["sigma_min"]), float(e["sigma_max"]), float(e["rho"])
+        gd = m["guidance"]
+        self.omega_range = (float(gd["omega_min"]), float(gd["omega_max"]))
+        self.defaults = {"steps": int(gd["default_steps"]), "gamma": float(gd["default_gamma"]),
+                         "omega": float(gd["default_omega"]), "nu": float(gd["default_nu"])}
+        self.tokenizer = PromptTokenizer(self.bundle.path(m["text"]["tokenizer"]), int(m["text"]["max_length"]))
+        self._sessions: dict[str, Session] = {}
+        self._cache: OrderedDict[str, Conditioning] = OrderedDict()
+        self._cache_size = prompt_cache
+        self.last_timing: Timing | None = None
+        if warmup:
+            self.warmup()
+
+    # Sessions ---------------------------------------------------------------------------------------
+    def session(self, graph: str) -> Session:
+        if graph not in self._sessions:
+            t0 = time.perf_counter()
+            self._sessions[graph] = open_session(self.bundle, graph, self.opts)
+            log.info("loaded %s on %s in %.0f ms", graph, self.opts.backend, 1e3 * (time.perf_counter() - t0))
+        return self._sessions[graph]
+
+    def has_fused(self, steps: int) -> bool:
+        return steps in self.bundle.fused_steps and f"fused_{steps}" in self.bundle.graphs
+
+    def warmup(self) -> None:
+        """Load and run the default path once (text, a host step, the fused default, both decoders)."""
+        d = self.defaults
+        self.generate("warm up", seed=0, steps=d["steps"], fused=self.has_fused(d["steps"]))
+        self.generate("warm up", seed=0, steps=1, fused=False)
+        for _ in self.stream("warm up", seed=0, steps=1):
+            pass
+        self._cache.pop("warm up", None)
+
+    # Validation -------------------------------------------------------------------------------------
+    def check_params(self, steps: Any = None, gamma: Any = None, omega: Any = None, nu: Any = None,
+                     duration: Any = None, seed: Any = 0) -> dict[str, Any]:
+        """Validated generation parameters (None -> the bundle's defaults). Raises ValueError with the reason."""
+        d = self.defaults
+        steps = d["steps"] if steps is None else _as_int("steps", steps)
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
+        gamma = d["gamma"] if gamma is None else _as_float("gamma", gamma)
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        omega = d["omega"] if omega is None else _as_float("omega (cfg)", omega)
+        lo, hi = self.omega_range
+        if not lo <= omega <= hi:
+            raise ValueError(f"omega (cfg) must be in the range the student was trained on, [{lo}, {hi}]; got {omega}")
+        nu = d["nu"] if nu is None else _as_float("nu", nu)
+        if not 0.0 <= nu <= 20.0:
+            raise ValueError(f"nu must be in [0, 20], got {nu}")
+        duration = self.max_duration if duration is None else _as_float("duration", duration)
+        if not 0.0 < duration <= self.max_duration + 1e-9:
+            raise ValueError(f"duration must be in (0, {self.max_duration:.3f}] seconds for this model, got {duration}")
+        seed = _as_int("seed", seed)
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2^63 - 1], got {seed}")
+        return {"steps": steps, "gamma": gamma, "omega": omega, "nu": nu, "duration": duration, "seed": seed}
+
+    # Stages -----------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> Conditioning:
+        """Text conditioning of one prompt, from the LRU cache when seen before."""
+        if not isinstance(prompt, str):
+            raise ValueError("prompt must be a string")
+        hit = self._cache.get(prompt)
+        if hit is not None:
+            self._cache.move_to_end(prompt)
+            return hit
+        ids, mask = self.tokenizer([prompt])
+        tokens, pooled = self.session("text_encoder").run({"input_ids": ids, "attention_mask": mask})
+        cond = Conditioning(tokens.astype(np.float32), mask.astype(np.float32), pooled.astype(np.float32))
+        self._cache[prompt] = cond
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return cond
+
+    def _jump(self, cond: Conditioning, uncond: Conditioning | None, omega: float, nu: float,
+              timing: Timing) -> Callable[[np.ndarray, float, float], np.ndarray]:
+        """The student's jump G_ν(x, t, s) over `student_step`; ν = 1 skips the unconditional pass."""
+        sess = self.session("student_step")
+
+        def jump(x: np.ndarray, t: float, s: float) -> np.ndarray:
+            t0 = time.perf_counter()
+            if uncond is None:
+                feeds = {"x": x, "t": np.array([t], np.float32), "s": np.array([s], np.float32),
+                         "tokens": cond.tokens, "token_mask": cond.token_mask, "pooled": cond.pooled,
+                         "omega": np.array([omega], np.float32)}
+                out = sess.run(feeds)[0]
+            else:
+                feeds = {"x": np.concatenate([x, x]), "t": np.array([t, t], np.float32),
+                         "s": np.array([s, s], np.float32),
+                         "tokens": np.concatenate([uncond.tokens, cond.tokens]),
+                         "token_mask": np.concatenate([uncond.token_mask, cond.token_mask]),
+                         "pooled": np.concatenate([uncond.pooled, cond.pooled]),
+                         "omega": np.array([omega, omega], np.float32)}
+                both = sess.run(feeds)[0]
+                out = nu_guided(both[:1], both[1:], nu)
+            timing.step_ms.append(1e3 * (time.perf_counter() - t0))
+            return out
+
+        return jump
+
+    def sample_latent(self, prompt: str, seed: int = 0, steps: int | None = None, gamma: float | None = None,
+                      omega: float | None = None, nu: float | None = None,
+                      should_stop: Callable[[], bool] | None = None, timing: Timing | None = None) -> np.ndarray:
+        """Host γ-sampling -> normalised latent [1, C, T]."""
+        p = self.check_params(steps=steps, gamma=gamma, omega=omega, nu=nu, seed=seed)
+        timing = timing if timing is not None else Timing()
+        t0 = time.perf_counter()
+        cond = self.encode_prompt(prompt)
+        uncond = self.encode_prompt("") if p["nu"] != 1.0 else None
+        timing.text_ms = 1e3 * (time.perf_counter() - t0)
+        eps_T, noises = draw_noise(p["seed"], self.latent_shape, p["steps"])
+        sigmas = karras_sigmas(p["steps"] + 1, self.sigma_min, self.sigma_max, self.rho)
+        t1 = time.perf_counter()
+        x = sample_gamma(self._jump(cond, uncond, p["omega"], p["nu"], timing), eps_T, sigmas, p["gamma"], noises,
+                         self.sigma_min, should_stop=should_stop)
+        timing.sample_ms = 1e3 * (time.perf_counter() - t1)
+        return x
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        """Normalised latent [1, C, T] -> waveform [N] float32."""
+        return self.session("vae_decoder").run({"latent": latent.astype(np.float32)})[0][0]
+
+    def generate(self, prompt: str, seed: int = 0, steps: int | None = None, gamma: float | None = None,
+                 omega: float | None = None, nu: float | None = None, duration: float | None = None,
+                 fused: bool | None = None, should_stop: Callable[[], bool] | None = None
+                 ) -> tuple[np.ndarray, Timing]:
+        """Prompt -> (mono float32 audio [N] at sample_rate, Timing). Deterministic for a seed.
+
+        fused: None picks the fused graph when it exists for the step count and ν = 1; True requires it.
+        """
+        p = self.check_params(steps=steps, gamma=gamma, omega=omega, nu=nu, duration=duration, seed=seed)
+        timing = Timing()
+        t_start = time.perf_counter()
+        can_fuse = self.has_fused(p["steps"]) and p["nu"] == 1.0
+        if fused and not can_fuse:
+            raise ValueError(f"no fused graph for steps={p['steps']}, nu={p['nu']} in this bundle "
+                             f"(fused: {self.bundle.fused_steps}, nu = 1 only)")
+        if can_fuse and fused is not False:
+            audio = self._generate_fused(prompt, p, timing)
+        else:
+            x = self.sample_latent(prompt, p["seed"], p["steps"], p["gamma"], p["omega"], p["nu"],
+                                   should_stop=should_stop, timing=timing)
+            t0 = time.perf_counter()
+            audio = self.decode(x)
+            timing.decode_ms = 1e3 * (time.perf_counter() - t0)
+        audio = self._trim(audio, p["duration"])
+        timing.total_ms = 1e3 * (time.perf_counter() - t_start)
+        timing.audio_seconds = len(audio) / self.sample_rate
+        timing.rtf = timing.total_ms / 1e3 / timing.audio_seconds
+        self.last_timing = timing
+        return audio, timing
+
+    def _generate_fused(self, prompt: str, p: dict[str, Any], timing: Timing) -> np.ndarray:
+        name = f"fused_{p['steps']}"
+        spec = self.bundle.graph(name)
+        t0 = time.perf_counter()
+        cond = self.encode_prompt(prompt)
+        timing.text_ms = 1e3 * (time.perf_counter() - t0)
+        eps_T, noises = draw_noise(p["seed"], self.latent_shape, p["steps"])
+        feeds = {"eps_T": eps_T, "tokens": cond.tokens, "token_mask": cond.token_mask, "pooled": cond.pooled,
+                 "omega": np.array([p["omega"]], np.float32), "gamma": np.array([p["gamma"]], np.float32)}
+        if p["steps"] > 1:
+            feeds["noise"] = np.stack(noises)[:, :, :, :]
+        t1 = time.perf_counter()
+        outs = self.session(name).run(feeds)
+        timing.path = "fused"
+        if spec.attrs.get("decode", False):
+            timing.sample_ms = 1e3 * (time.perf_counter() - t1)  # sampling and decode in one call
+            return outs[1][0]
+        timing.sample_ms = 1e3 * (time.perf_counter() - t1)
+        t2 = time.perf_counter()
+        audio = self.decode(outs[0])
+        timing.decode_ms = 1e3 * (time.perf_counter() - t2)
+        return audio
+
+    def stream(self, prompt: str, seed: int = 0, steps: int | None = None, gamma: float | None = None,
+               omega: float | None = None, nu: float | None = None, duration: float | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[np.ndarray]:
+        """Yield decoded audio chunks (float32 [chunk·hop]) as soon as each streaming-decoder window is done.
+
+        The chunks concatenate to `generate(..., fused=False)`'s audio. `last_timing` is set at the end.
+        """
+        p = self.check_params(steps=steps, gamma=gamma, omega=omega, nu=nu, duration=duration, seed=seed)
+        timing = Timing(path="stream")
+        t_start = time.perf_counter()
+        x = self.sample_latent(prompt, p["seed"], p["steps"], p["gamma"], p["omega"], p["nu"],
+                               should_stop=should_stop, timing=timing)
+        sess = self.session("vae_decoder_stream")
+        chunk = int(self.bundle.graph("vae_decoder_stream").attrs["chunk"])
+        R, T = self.context, x.shape[-1]
+        n_chunks = math.ceil(T / chunk)
+        tail = n_chunks * chunk - T  # extra replicated frames so the last window is full
+        padded = np.concatenate([np.repeat(x[..., :1], R, -1), x, np.repeat(x[..., -1:], R + tail, -1)], -1)
+        remaining = int(round(p["duration"] * self.sample_rate))
+        fade = p["duration"] < self.max_duration - 1e-9
+        t_dec = time.perf_counter()
+        for i in range(n_chunks):
+            if should_stop is not None and should_stop():
+                return
+            win = np.ascontiguousarray(padded[..., i * chunk : i * chunk + chunk + 2 * R])
+            audio = sess.run({"latent_window": win})[0][0]
+            if timing.first_chunk_ms is None:
+                timing.first_chunk_ms = 1e3 * (time.perf_counter() - t_start)
+            audio = audio[:remaining]
+            remaining -= len(audio)
+            if remaining <= 0 and fade:
+                audio = _fade_out(audio.copy(), int(FADE_SECONDS * self.sample_rate))
+            yield audio
+            if remaining <= 0:
+                break
+        timing.decode_ms = 1e3 * (time.perf_counter() - t_dec)
+        timing.total_ms = 1e3 * (time.perf_counter() - t_start)
+        timing.audio_seconds = p["duration"]
+        timing.rtf = timing.total_ms / 1e3 / timing.audio_seconds
+        self.last_timing = timing
+
+    def _trim(self, audio: np.ndarray, duration: float) -> np.ndarray:
+        n = int(round(duration * self.sample_rate))
+        if n >= len(audio):
+            return audio.astype(np.float32, copy=False)
+        return _fade_out(audio[:n].astype(np.float32, copy=True), int(FADE_SECONDS * self.sample_rate))
+
+
+def _fade_out(audio: np.ndarray, n: int) -> np.ndarray:
+    n = min(n, len(audio))
+    if n > 0:
+        audio[-n:] *= np.linspace(1.0, 0.0, n, dtype=np.float32)
+    return audio
+
+
+def _as_float(name: str, v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {v!r}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be finite, got {v!r}")
+    return f
+
+
+def _as_int(name: str, v: Any) -> int:
+    """Ints, and floats with an integral value (Pd and Max send floats)."""
+    f = _as_float(name, v) if not isinstance(v, int) or isinstance(v, bool) else v
+    if isinstance(f, float):
+        if not f.is_integer():
+            raise ValueError(f"{name} must be a whole number, got {v!r}")
+        if abs(f) > 2**63:
+            raise ValueError(f"{name} is out of range: {v!r}")
+        return int(f)
+    return int(f)
+
+
+__all__ = ["BundleError", "Engine", "Timing"]
