@@ -69,11 +69,12 @@ class Engine:
         audio_active: a real-time audio callback shares the machine (no spinning, one core left free).
         prompt_cache: how many prompt embeddings to keep (LRU).
         warmup: run every default-path graph once at load, so the first real call is not slow.
+        int8: use the bundle's INT8 variants (onnxruntime) of the graphs that have one.
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle | None = None, backend: str = "onnxruntime",
                  device: str = "cpu", threads: int | None = None, audio_active: bool = False,
-                 prompt_cache: int = 256, warmup: bool = True, verify: bool = True) -> None:
+                 prompt_cache: int = 256, warmup: bool = True, verify: bool = True, int8: bool = False) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(resolve_bundle(bundle), verify=verify)
         self.opts = BackendOptions(backend=backend, device=device, threads=threads, audio_active=audio_active,
                                    cache_dir=str(Path(self.bundle.root) / ".ov_cache") if backend == "openvino"
@@ -93,6 +94,9 @@ class Engine:
                          "omega": float(gd["default_omega"]), "nu": float(gd["default_nu"])}
         self.tokenizer = PromptTokenizer(self.bundle.path(m["text"]["tokenizer"]), int(m["text"]["max_length"]))
         self._sessions: dict[str, Session] = {}
+        self.int8 = int8
+        if int8 and (backend != "onnxruntime" or not m.get("int8")):
+            raise BundleError("INT8 variants need --backend onnxruntime and a bundle exported with --int8")
         self._cache: OrderedDict[str, Conditioning] = OrderedDict()
         self._cache_size = prompt_cache
         self.last_timing: Timing | None = None
@@ -103,7 +107,13 @@ class Engine:
     def session(self, graph: str) -> Session:
         if graph not in self._sessions:
             t0 = time.perf_counter()
-            self._sessions[graph] = open_session(self.bundle, graph, self.opts)
+            q = (self.bundle.manifest.get("int8") or {}).get(graph) if self.int8 else None
+            if q is not None:
+                from .backends import open_file_session
+
+                self._sessions[graph] = open_file_session(self.bundle.path(q["file"]), self.opts)
+            else:
+                self._sessions[graph] = open_session(self.bundle, graph, self.opts)
             log.info("loaded %s on %s in %.0f ms", graph, self.opts.backend, 1e3 * (time.perf_counter() - t0))
         return self._sessions[graph]
 

@@ -1,0 +1,39 @@
+"""Shared fixtures: one tiny random bundle per test session (exported through the real pipeline)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_source():
+    """The tiny architecture, randomly initialised (seed 0), as a ModelSource (torch)."""
+    from soundctm_rt.train.checkpoint import init_random
+    from soundctm_rt.train.models.config import load_model_config
+
+    return init_random(load_model_config("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_source) -> Path:
+    """A bundle of the tiny random model with fused graphs for 1, 2 and 4 steps, ONNX and OpenVINO."""
+    from soundctm_rt.export.pipeline import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return export_bundle(tiny_source, out, ExportOptions(steps=(1, 2, 4)))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_bundle):
+    from soundctm_rt.engine import Engine
+
+    return Engine(tiny_bundle, backend="onnxruntime")

@@ -1,0 +1,93 @@
+"""The command line as a user runs it: real processes, real files."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+CLI = [sys.executable, "-m", "soundctm_rt"]
+
+
+def run(*args, timeout=600):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_writes_a_deterministic_wav(tiny_bundle, tmp_path):
+    out = tmp_path / "kick.wav"
+    r = run("generate", "Roland TR-808 kick drum", "-o", out, "--bundle", tiny_bundle, "--seed", 3, "--steps", 2)
+    assert r.returncode == 0, r.stderr
+    audio, sr = sf.read(out)
+    assert sr == 44100 and audio.ndim == 1 and len(audio) == 16 * 1024
+    assert np.abs(audio).max() > 0
+    again = tmp_path / "again.wav"
+    assert run("generate", "Roland TR-808 kick drum", "-o", again, "--bundle", tiny_bundle, "--seed", 3,
+               "--steps", 2).returncode == 0
+    assert out.read_bytes() == again.read_bytes()
+
+
+def test_generate_variations_and_openvino(tiny_bundle, tmp_path):
+    r = run("generate", "metal door slam", "--variations", 3, "-o", tmp_path / "sfx", "--bundle", tiny_bundle,
+            "--backend", "openvino", "--duration", 0.2, "--json")
+    assert r.returncode == 0, r.stderr
+    files = sorted((tmp_path / "sfx").glob("take_*.wav"))
+    assert [f.name for f in files] == ["take_000.wav", "take_001.wav", "take_002.wav"]
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["seed"] for rec in records] == [0, 1, 2]
+    takes = [sf.read(f)[0] for f in files]
+    assert all(len(t) == round(0.2 * 44100) for t in takes)
+    assert not np.array_equal(takes[0], takes[1])
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--steps", "0"], "steps"), (["--gamma", "2"], "gamma"), (["--cfg", "nan"], "finite"),
+    (["--duration", "60"], "duration"), (["-o", "x.mp3"], ".wav"), (["--backend", "tensorrt"], "backend"),
+])
+def test_generate_bad_arguments(tiny_bundle, tmp_path, args, msg):
+    base = ["generate", "x", "--bundle", tiny_bundle]
+    if "-o" not in args:
+        base += ["-o", tmp_path / "x.wav"]
+    r = run(*base, *args)
+    assert r.returncode == 2
+    assert msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_missing_bundle_is_a_clear_error(tmp_path):
+    r = run("generate", "x", "-o", tmp_path / "x.wav", "--bundle", tmp_path / "nothing")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info(tiny_bundle):
+    r = run("info", tiny_bundle)
+    assert r.returncode == 0, r.stderr
+    for word in ("fused_2", "vae_decoder_stream", "parity vs torch", "44100 Hz", "omega trained on"):
+        assert word in r.stdout
+    r = run("info", tiny_bundle, "--json")
+    assert json.loads(r.stdout)["schema"] == "soundctm-rt-bundle"
+
+
+def test_export_argument_errors(tmp_path):
+    r = run("export", "-o", tmp_path / "b")
+    assert r.returncode == 2 and "CHECKPOINT or --init random" in r.stderr
+    r = run("export", "--init", "random", "--config", "nonexistent", "-o", tmp_path / "b")
+    assert r.returncode == 1 and "unknown config" in r.stderr
+    r = run("export", tmp_path / "missing.safetensors", "-o", tmp_path / "b")
+    assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_export_from_checkpoint_matches_random_init(tiny_source, tmp_path):
+    """A saved checkpoint exports through the same path; fp16 weights stay within the parity gate."""
+    from soundctm_rt.train.checkpoint import save_model_checkpoint
+
+    ckpt = save_model_checkpoint(tmp_path / "model.safetensors", tiny_source)
+    r = run("export", ckpt, "-o", tmp_path / "b", "--steps", "1", "--no-openvino", "--int8")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["fused_steps"] == [1] and set(m["int8"]) == {"text_encoder", "student_step"}
+    assert m["int8"]["text_encoder"]["quality"]["pooled_cosine_min"] > 0.9
+    from soundctm_rt.engine import Engine
+
+    a, _ = Engine(tmp_path / "b", int8=True).generate("x", steps=2)
+    assert np.isfinite(a).all()

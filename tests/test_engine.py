@@ -1,0 +1,126 @@
+"""The torch-free Engine on real onnxruntime and OpenVINO sessions of the tiny bundle."""
+
+import math
+
+import numpy as np
+import pytest
+
+from soundctm_rt.engine import Engine
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "openvino"])
+def engine(request, tiny_bundle):
+    return Engine(tiny_bundle, backend=request.param)
+
+
+class CountingSession:
+    """Wraps a real session and records the batch size of every call."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+        self.input_names, self.output_names = inner.input_names, inner.output_names
+
+    def run(self, feeds):
+        self.batches.append(next(iter(feeds.values())).shape[0])
+        return self.inner.run(feeds)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+def test_host_loop_matches_fused_graph(engine, steps, gamma):
+    fused, tf = engine.generate("a dog barking", seed=11, steps=steps, gamma=gamma, fused=True)
+    host, th = engine.generate("a dog barking", seed=11, steps=steps, gamma=gamma, fused=False)
+    assert tf.path == "fused" and th.path == "host"
+    assert len(th.step_ms) == steps
+    scale = float(np.abs(host).max())
+    assert scale > 0
+    np.testing.assert_allclose(fused, host, atol=1e-4 * scale)
+
+
+def test_stream_concatenates_to_host_audio(engine):
+    host, _ = engine.generate("rain on a roof", seed=5, steps=2, gamma=0.3, fused=False)
+    chunks = list(engine.stream("rain on a roof", seed=5, steps=2, gamma=0.3))
+    assert len(chunks) > 1
+    np.testing.assert_allclose(np.concatenate(chunks), host, atol=1e-6)
+    assert engine.last_timing.first_chunk_ms is not None
+
+
+def test_deterministic_for_a_seed(engine):
+    a, _ = engine.generate("a dog barking", seed=3)
+    b, _ = engine.generate("a dog barking", seed=3)
+    c, _ = engine.generate("a dog barking", seed=4)
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_first_noise_does_not_depend_on_step_count():
+    from soundctm_rt.sampling import draw_noise
+
+    e1, n1 = draw_noise(7, (1, 2, 3), 1)
+    e4, n4 = draw_noise(7, (1, 2, 3), 4)
+    assert np.array_equal(e1, e4) and n1 == [] and len(n4) == 3
+
+
+def test_nu_one_skips_the_unconditional_pass(tiny_bundle):
+    eng = Engine(tiny_bundle, warmup=False)
+    counting = CountingSession(eng.session("student_step"))
+    eng._sessions["student_step"] = counting
+    eng.generate("a dog barking", steps=3, nu=1.0)
+    assert counting.batches == [1, 1, 1]
+    counting.batches.clear()
+    eng.generate("a dog barking", steps=2, nu=2.0)
+    assert counting.batches == [2, 2]
+
+
+def test_nu_guidance_combines_both_passes(tiny_bundle):
+    eng = Engine(tiny_bundle, warmup=False)
+    x_c = eng.sample_latent("a dog barking", seed=1, steps=1, nu=1.0)
+    x_2 = eng.sample_latent("a dog barking", seed=1, steps=1, nu=2.0)
+    x_0 = eng.sample_latent("a dog barking", seed=1, steps=1, nu=0.0)  # the unconditional jump alone
+    np.testing.assert_allclose(x_2, x_0 + 2.0 * (x_c - x_0), atol=1e-4 * np.abs(x_2).max())
+
+
+def test_prompt_cache(tiny_bundle):
+    eng = Engine(tiny_bundle, warmup=False, prompt_cache=2)
+    counting = CountingSession(eng.session("text_encoder"))
+    eng._sessions["text_encoder"] = counting
+    for p in ["a", "b", "a", "a", "c", "b"]:
+        eng.encode_prompt(p)
+    # a, b encoded; a hit twice; c evicts b (a was used more recently); b encoded again
+    assert len(counting.batches) == 4
+
+
+def test_timing_record(engine):
+    audio, t = engine.generate("a dog barking", steps=2, fused=False)
+    assert t.total_ms > 0 and t.decode_ms > 0 and len(t.step_ms) == 2
+    assert t.audio_seconds == pytest.approx(len(audio) / engine.sample_rate)
+    assert t.rtf == pytest.approx(t.total_ms / 1e3 / t.audio_seconds)
+    assert set(t.to_dict()) >= {"text_ms", "step_ms", "decode_ms", "total_ms", "rtf", "audio_seconds"}
+
+
+def test_duration_trims_with_a_fade(engine):
+    audio, _ = engine.generate("a dog barking", duration=0.1)
+    assert len(audio) == round(0.1 * engine.sample_rate)
+    assert audio[-1] == 0.0
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"steps": 0}, "steps"), ({"steps": 1000}, "steps"), ({"steps": 1.5}, "whole"), ({"steps": "x"}, "number"),
+    ({"gamma": -0.1}, "gamma"), ({"gamma": math.nan}, "finite"), ({"omega": math.inf}, "finite"),
+    ({"omega": 50.0}, "trained"), ({"nu": -1.0}, "nu"), ({"duration": 0.0}, "duration"),
+    ({"duration": 100.0}, "duration"), ({"duration": -1.0}, "duration"), ({"seed": -1}, "seed"),
+    ({"seed": 2**70}, r"seed must be in \[0"),
+])
+def test_bad_parameters_are_refused_with_the_reason(tiny_engine, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        tiny_engine.check_params(**kw)
+
+
+def test_pd_style_floats_accepted(tiny_engine):
+    p = tiny_engine.check_params(steps=2.0, seed=7.0)
+    assert p["steps"] == 2 and isinstance(p["steps"], int) and p["seed"] == 7
+
+
+def test_fused_request_without_graph_is_refused(tiny_engine):
+    with pytest.raises(ValueError, match="no fused graph"):
+        tiny_engine.generate("x", steps=3, fused=True)
