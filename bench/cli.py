@@ -7,8 +7,10 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Benchmarks. Without a subcommand: per-step RTF on this machine (--device cpu).",
-                  invoke_without_command=True)
+app = typer.Typer(
+    help="Benchmarks. Without a subcommand: per-step RTF on this machine (--device cpu).",
+    invoke_without_command=True,
+)
 
 
 @app.callback()
@@ -40,12 +42,23 @@ def cpu(
         if not step_list or any(not 1 <= s <= 64 for s in step_list):
             raise ValueError
     except ValueError:
-        typer.secho(f"error: --steps must be integers in [1, 64] separated by commas, got {steps!r}", err=True,
-                    fg="red")
+        typer.secho(
+            f"error: --steps must be integers in [1, 64] separated by commas, got {steps!r}",
+            err=True,
+            fg="red",
+        )
         raise typer.Exit(2) from None
     try:
-        report = run_cpu_bench(resolve_bundle(bundle), backends, step_list, runs, warmup, threads,
-                               torch_eager=not no_torch, device=device)
+        report = run_cpu_bench(
+            resolve_bundle(bundle),
+            backends,
+            step_list,
+            runs,
+            warmup,
+            threads,
+            torch_eager=not no_torch,
+            device=device,
+        )
     except BundleError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         raise typer.Exit(2) from None

@@ -39,10 +39,17 @@ def _summary(backend: str, steps: int, path: str, timings: list[Timing], flops_s
         "total": pct([t.total_ms for t in timings], 50),
     }
     row: dict[str, Any] = {
-        "backend": backend, "steps": steps, "path": path,
-        "rtf_p50": pct(rtf, 50), "rtf_p95": pct(rtf, 95), "rtf_p99": pct(rtf, 99),
-        "stages_ms": stages, "audio_seconds": timings[0].audio_seconds, "runs": len(timings),
-        "total_ms_p50": stages["total"], "total_ms_p99": pct([t.total_ms for t in timings], 99),
+        "backend": backend,
+        "steps": steps,
+        "path": path,
+        "rtf_p50": pct(rtf, 50),
+        "rtf_p95": pct(rtf, 95),
+        "rtf_p99": pct(rtf, 99),
+        "stages_ms": stages,
+        "audio_seconds": timings[0].audio_seconds,
+        "runs": len(timings),
+        "total_ms_p50": stages["total"],
+        "total_ms_p99": pct([t.total_ms for t in timings], 99),
     }
     if step:
         stages["step"] = pct(step, 50)
@@ -52,8 +59,15 @@ def _summary(backend: str, steps: int, path: str, timings: list[Timing], flops_s
     return row
 
 
-def bench_backend(bundle: Bundle, backend: str, steps_list: list[int], runs: int, warmup: int,
-                  threads: int | None, device: str) -> list[dict[str, Any]]:
+def bench_backend(
+    bundle: Bundle,
+    backend: str,
+    steps_list: list[int],
+    runs: int,
+    warmup: int,
+    threads: int | None,
+    device: str,
+) -> list[dict[str, Any]]:
     eng = Engine(bundle, backend=backend, device=device, threads=threads, warmup=True)
     flops_step = int(bundle.graph("student_step").attrs.get("flops", 0))
     rows = []
@@ -71,8 +85,9 @@ def bench_backend(bundle: Bundle, backend: str, steps_list: list[int], runs: int
     return rows
 
 
-def bench_torch_eager(bundle: Bundle, steps_list: list[int], runs: int, warmup: int,
-                      threads: int | None) -> tuple[list[dict[str, Any]], str | None]:
+def bench_torch_eager(
+    bundle: Bundle, steps_list: list[int], runs: int, warmup: int, threads: int | None
+) -> tuple[list[dict[str, Any]], str | None]:
     """The same student in torch eager, per step. Returns (rows, reason it was skipped or None)."""
     try:
         import torch
@@ -104,27 +119,59 @@ def bench_torch_eager(bundle: Bundle, steps_list: list[int], runs: int, warmup: 
                 if i >= warmup:
                     per_gen.append(t_gen)
             rtf = [t / 1e3 / audio_seconds for t in per_gen]
-            rows.append({
-                "backend": "torch", "steps": steps, "path": "host",
-                "rtf_p50": pct(rtf, 50), "rtf_p95": pct(rtf, 95), "rtf_p99": pct(rtf, 99),
-                "stages_ms": {"step": pct(times, 50), "step_p99": pct(times, 99), "sample": pct(per_gen, 50)},
-                "audio_seconds": audio_seconds, "runs": runs,
-                "step_rtf_p50": pct(times, 50) / 1e3 / audio_seconds,
-                "student_gflops": flops_step / (pct(times, 50) / 1e3) / 1e9 if flops_step else None,
-                "note": "student steps only (text encoding and decoding are not run in torch)",
-            })
+            rows.append(
+                {
+                    "backend": "torch",
+                    "steps": steps,
+                    "path": "host",
+                    "rtf_p50": pct(rtf, 50),
+                    "rtf_p95": pct(rtf, 95),
+                    "rtf_p99": pct(rtf, 99),
+                    "stages_ms": {
+                        "step": pct(times, 50),
+                        "step_p99": pct(times, 99),
+                        "sample": pct(per_gen, 50),
+                    },
+                    "audio_seconds": audio_seconds,
+                    "runs": runs,
+                    "step_rtf_p50": pct(times, 50) / 1e3 / audio_seconds,
+                    "student_gflops": flops_step / (pct(times, 50) / 1e3) / 1e9 if flops_step else None,
+                    "note": "student steps only (text encoding and decoding are not run in torch)",
+                }
+            )
     return rows, None
 
 
-def run_cpu_bench(bundle_path: Path, backends: list[str], steps_list: list[int], runs: int = 20, warmup: int = 3,
-                  threads: int | None = None, torch_eager: bool = True, device: str = "cpu") -> dict[str, Any]:
+def run_cpu_bench(
+    bundle_path: Path,
+    backends: list[str],
+    steps_list: list[int],
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    torch_eager: bool = True,
+    device: str = "cpu",
+) -> dict[str, Any]:
     bundle = Bundle.open(bundle_path)
-    report: dict[str, Any] = {"machine": fingerprint(), "bundle": {
-        "path": str(bundle.root), "name": bundle.name, "fused_steps": bundle.fused_steps,
-        "student_flops_per_step": int(bundle.graph("student_step").attrs.get("flops", 0)),
-        "audio_seconds": bundle.manifest["latent"]["frames"] * bundle.manifest["latent"]["hop"] / bundle.sample_rate,
-    }, "settings": {"runs": runs, "warmup": warmup, "threads": threads or os.cpu_count(), "prompt": PROMPT,
-                    "device": device}}
+    report: dict[str, Any] = {
+        "machine": fingerprint(),
+        "bundle": {
+            "path": str(bundle.root),
+            "name": bundle.name,
+            "fused_steps": bundle.fused_steps,
+            "student_flops_per_step": int(bundle.graph("student_step").attrs.get("flops", 0)),
+            "audio_seconds": bundle.manifest["latent"]["frames"]
+            * bundle.manifest["latent"]["hop"]
+            / bundle.sample_rate,
+        },
+        "settings": {
+            "runs": runs,
+            "warmup": warmup,
+            "threads": threads or os.cpu_count(),
+            "prompt": PROMPT,
+            "device": device,
+        },
+    }
     report["peak_gflops"] = matmul_peak_gflops()
     results: list[dict[str, Any]] = []
     for backend in backends:

@@ -38,7 +38,13 @@ def load_student_from_bundle(bundle: Bundle) -> tuple[torch.nn.Module, tuple[tor
     module.eval()
     C, T, L = cfg.vae.latent_channels, cfg.dit.latent_frames, cfg.text.max_length
     g = torch.Generator().manual_seed(0)
-    feeds = (torch.randn(1, C, T, generator=g) * 10, torch.tensor([10.0]), torch.tensor([1.0]),
-             torch.randn(1, L, text_dim, generator=g), torch.ones(1, L), torch.randn(1, text_dim, generator=g),
-             torch.tensor([3.5]))
+    feeds = (
+        torch.randn(1, C, T, generator=g) * 10,
+        torch.tensor([10.0]),
+        torch.tensor([1.0]),
+        torch.randn(1, L, text_dim, generator=g),
+        torch.ones(1, L),
+        torch.randn(1, text_dim, generator=g),
+        torch.tensor([3.5]),
+    )
     return module, feeds

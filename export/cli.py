@@ -45,14 +45,20 @@ def export(
     from .pipeline import ExportOptions, export_bundle
 
     try:
-        opts = ExportOptions(steps=step_list, int8=int8, fuse_decode=not no_fuse_decode,
-                             openvino=not no_openvino, stream_chunk=stream_chunk, min_snr_db=min_snr_db)
+        opts = ExportOptions(
+            steps=step_list,
+            int8=int8,
+            fuse_decode=not no_fuse_decode,
+            openvino=not no_openvino,
+            stream_chunk=stream_chunk,
+            min_snr_db=min_snr_db,
+        )
         src = init_random(load_model_config(config), seed) if init else load_model_checkpoint(checkpoint)
         out = export_bundle(src, output, opts)
     except (ValueError, FileNotFoundError, FileExistsError, ParityError) as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         raise typer.Exit(1) from None
-    from ..cli_runtime import describe
     from ..bundle import Bundle
+    from ..cli_runtime import describe
 
     typer.echo(describe(Bundle.open(out)))

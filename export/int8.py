@@ -45,7 +45,11 @@ def export_int8(out: Path, graphs: list[Any], manifest_graphs: dict[str, Any]) -
             quality["pooled_cosine_min"] = round(float(cos.min()), 5)
             if cos.min() < MIN_POOLED_COSINE:
                 log.warning("INT8 text encoder: pooled cosine %.4f < %.2f", cos.min(), MIN_POOLED_COSINE)
-        result[gr.name] = {"file": f"onnx/{gr.name}.int8.onnx", "backend": "onnxruntime", "quality": quality,
-                           "bytes": dst.stat().st_size}
+        result[gr.name] = {
+            "file": f"onnx/{gr.name}.int8.onnx",
+            "backend": "onnxruntime",
+            "quality": quality,
+            "bytes": dst.stat().st_size,
+        }
         log.info("int8 %s: %s", gr.name, quality)
     return result

@@ -25,8 +25,14 @@ SHARE_MIN_BYTES = 1024  # smaller tensors stay inside the graph
 ALIGN = 4096  # page alignment lets onnxruntime map the data
 
 
-def export_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-                dynamic_batch: list[str] | None = None) -> onnx.ModelProto:
+def export_onnx(
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_batch: list[str] | None = None,
+) -> onnx.ModelProto:
     """Export one wrapper with the dynamo exporter; `dynamic_batch` names inputs whose dim 0 is dynamic."""
     module.eval()
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
@@ -43,8 +49,15 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: l
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
-            module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
-            output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+            module,
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
         )
     model = prog.model_proto
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +115,11 @@ def io_contract(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict
     def describe(vi: onnx.ValueInfoProto) -> dict[str, Any]:
         tt = vi.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
-        return {"name": vi.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name}
+        return {
+            "name": vi.name,
+            "shape": shape,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
+        }
 
     inits = {i.name for i in model.graph.initializer}
     return [describe(v) for v in model.graph.input if v.name not in inits], [describe(v) for v in model.graph.output]

@@ -26,7 +26,7 @@ from ..train.models.text import MINILM_LICENSE, MINILM_SOURCE, load_tokenizer, t
 from .graph_facts import count_flops, torch_param_map
 from .onnx_io import SharedWeights, export_onnx, io_contract
 from .openvino_io import SharedIRWeights
-from .parity import ParityError, compare
+from .parity import compare
 from .wrappers import (
     DecoderExport,
     DecoderStreamExport,
@@ -79,8 +79,16 @@ def _parity_inputs(src: ModelSource, seed: int) -> dict[str, Any]:
         tokens, pooled = src.text(ids, mask)
     g = torch.Generator().manual_seed(seed)
     C, T = cfg.vae.latent_channels, cfg.dit.latent_frames
-    return {"ids": ids, "mask": mask, "tokens": tokens, "pooled": pooled, "token_mask": mask.float(), "gen": g,
-            "C": C, "T": T}
+    return {
+        "ids": ids,
+        "mask": mask,
+        "tokens": tokens,
+        "pooled": pooled,
+        "token_mask": mask.float(),
+        "gen": g,
+        "C": C,
+        "T": T,
+    }
 
 
 def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_Graph]:
@@ -89,18 +97,28 @@ def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_G
     R = cfg.vae.decoder_context
     tok1 = (p["tokens"][:1], p["token_mask"][:1], p["pooled"][:1])
     graphs = [
-        _Graph("text_encoder", TextEncoderExport(src.text), (p["ids"], p["mask"]),
-               ["input_ids", "attention_mask"], ["tokens", "pooled"], ["input_ids", "attention_mask"]),
+        _Graph(
+            "text_encoder",
+            TextEncoderExport(src.text),
+            (p["ids"], p["mask"]),
+            ["input_ids", "attention_mask"],
+            ["tokens", "pooled"],
+            ["input_ids", "attention_mask"],
+        ),
     ]
     x = torch.randn(2, C, T, generator=g) * 5.0
     t = torch.tensor([5.0, 5.0])
     s = torch.tensor([0.5, 0.5])
-    graphs.append(_Graph(
-        "student_step", StudentStepExport(src.student),
-        (x, t, s, p["tokens"][:2], p["token_mask"][:2], p["pooled"][:2], torch.tensor([3.5, 3.5])),
-        ["x", "t", "s", "tokens", "token_mask", "pooled", "omega"], ["x_s"],
-        ["x", "t", "s", "tokens", "token_mask", "pooled", "omega"],
-    ))
+    graphs.append(
+        _Graph(
+            "student_step",
+            StudentStepExport(src.student),
+            (x, t, s, p["tokens"][:2], p["token_mask"][:2], p["pooled"][:2], torch.tensor([3.5, 3.5])),
+            ["x", "t", "s", "tokens", "token_mask", "pooled", "omega"],
+            ["x_s"],
+            ["x", "t", "s", "tokens", "token_mask", "pooled", "omega"],
+        )
+    )
     for n in opts.steps:
         eps = torch.randn(1, C, T, generator=g)
         omega, gamma = torch.tensor([3.5]), torch.tensor([0.5])
@@ -108,22 +126,49 @@ def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_G
         sig = karras_sigmas(n + 1, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho).tolist()
         attrs = {"steps": n, "sigmas": sig, "nu": 1.0, "decode": opts.fuse_decode}
         if n == 1:
-            graphs.append(_Graph(f"fused_{n}", FusedSamplerExport1(src, 1, opts.fuse_decode),
-                                 (eps, *tok1, omega, gamma),
-                                 ["eps_T", "tokens", "token_mask", "pooled", "omega", "gamma"], outs, attrs=attrs))
+            graphs.append(
+                _Graph(
+                    f"fused_{n}",
+                    FusedSamplerExport1(src, 1, opts.fuse_decode),
+                    (eps, *tok1, omega, gamma),
+                    ["eps_T", "tokens", "token_mask", "pooled", "omega", "gamma"],
+                    outs,
+                    attrs=attrs,
+                )
+            )
         else:
             noise = torch.randn(n - 1, 1, C, T, generator=g)
-            graphs.append(_Graph(f"fused_{n}", FusedSamplerExport(src, n, opts.fuse_decode),
-                                 (eps, noise, *tok1, omega, gamma),
-                                 ["eps_T", "noise", "tokens", "token_mask", "pooled", "omega", "gamma"], outs,
-                                 attrs=attrs))
+            graphs.append(
+                _Graph(
+                    f"fused_{n}",
+                    FusedSamplerExport(src, n, opts.fuse_decode),
+                    (eps, noise, *tok1, omega, gamma),
+                    ["eps_T", "noise", "tokens", "token_mask", "pooled", "omega", "gamma"],
+                    outs,
+                    attrs=attrs,
+                )
+            )
     z = torch.randn(1, C, T, generator=g) * 0.5
-    graphs.append(_Graph("vae_decoder", DecoderExport(src.vae, src.latent_mean, src.latent_std), (z,),
-                         ["latent"], ["audio"]))
+    graphs.append(
+        _Graph(
+            "vae_decoder",
+            DecoderExport(src.vae, src.latent_mean, src.latent_std),
+            (z,),
+            ["latent"],
+            ["audio"],
+        )
+    )
     zw = torch.randn(1, C, opts.stream_chunk + 2 * R, generator=g) * 0.5
-    graphs.append(_Graph("vae_decoder_stream", DecoderStreamExport(src.vae, src.latent_mean, src.latent_std),
-                         (zw,), ["latent_window"], ["audio"],
-                         attrs={"chunk": opts.stream_chunk, "context": R, "padding": "replicate"}))
+    graphs.append(
+        _Graph(
+            "vae_decoder_stream",
+            DecoderStreamExport(src.vae, src.latent_mean, src.latent_std),
+            (zw,),
+            ["latent_window"],
+            ["audio"],
+            attrs={"chunk": opts.stream_chunk, "context": R, "padding": "replicate"},
+        )
+    )
     return graphs
 
 
@@ -141,8 +186,12 @@ def _feeds(gr: _Graph) -> dict[str, np.ndarray]:
 def _git_revision() -> str | None:
     try:
         here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         return None
 
@@ -183,14 +232,22 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
                 ir_w.f.flush()
                 files["openvino"] = f"openvino/{gr.name}.xml"
                 weights["openvino"] = "openvino/weights.bin"
-            manifest_graphs[gr.name] = {"files": files, "weights": weights, "inputs": inputs, "outputs": outputs,
-                                        "attrs": gr.attrs}
+            manifest_graphs[gr.name] = {
+                "files": files,
+                "weights": weights,
+                "inputs": inputs,
+                "outputs": outputs,
+                "attrs": gr.attrs,
+            }
             # parity gate: torch vs every backend on the fixed inputs
             ref = _torch_outputs(gr)
             parity[gr.name] = {}
             for backend in files:
-                sess = open_file_session(out / files[backend], BackendOptions(backend=backend),
-                                         out / weights[backend] if backend == "openvino" else None)
+                sess = open_file_session(
+                    out / files[backend],
+                    BackendOptions(backend=backend),
+                    out / weights[backend] if backend == "openvino" else None,
+                )
                 got = sess.run(_feeds(gr))
                 parity[gr.name][backend] = compare(gr.name, backend, ref, got, gr.outputs, opts.min_snr_db)
                 del sess
@@ -207,11 +264,24 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
         (out / "LICENSES").mkdir(exist_ok=True)
         (out / "LICENSES" / "all-MiniLM-L6-v2.txt").write_text(_MINILM_NOTICE)
         extra.append("LICENSES/all-MiniLM-L6-v2.txt")
-        licenses.append({"component": "text_encoder", "name": "all-MiniLM-L6-v2", "license": MINILM_LICENSE,
-                         "source": MINILM_SOURCE, "file": "LICENSES/all-MiniLM-L6-v2.txt"})
+        licenses.append(
+            {
+                "component": "text_encoder",
+                "name": "all-MiniLM-L6-v2",
+                "license": MINILM_LICENSE,
+                "source": MINILM_SOURCE,
+                "file": "LICENSES/all-MiniLM-L6-v2.txt",
+            }
+        )
     else:
-        licenses.append({"component": "tokenizer", "name": "all-MiniLM-L6-v2 tokenizer", "license": MINILM_LICENSE,
-                         "source": MINILM_SOURCE})
+        licenses.append(
+            {
+                "component": "tokenizer",
+                "name": "all-MiniLM-L6-v2 tokenizer",
+                "license": MINILM_LICENSE,
+                "source": MINILM_SOURCE,
+            }
+        )
 
     int8: dict[str, Any] = {}
     if opts.int8:
@@ -220,14 +290,21 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
         int8 = export_int8(out, graphs, manifest_graphs)
         extra += [v["file"] for v in int8.values()]
 
-    manifest = _manifest(src, opts, manifest_graphs, parity, licenses, int8, extra,
-                         time.perf_counter() - t_start)
+    manifest = _manifest(src, opts, manifest_graphs, parity, licenses, int8, extra, time.perf_counter() - t_start)
     write_manifest(out, manifest)
     return out
 
 
-def _manifest(src: ModelSource, opts: ExportOptions, graphs: dict[str, Any], parity: dict[str, Any],
-              licenses: list[dict[str, Any]], int8: dict[str, Any], extra: list[str], seconds: float) -> dict:
+def _manifest(
+    src: ModelSource,
+    opts: ExportOptions,
+    graphs: dict[str, Any],
+    parity: dict[str, Any],
+    licenses: list[dict[str, Any]],
+    int8: dict[str, Any],
+    extra: list[str],
+    seconds: float,
+) -> dict:
     import onnx
     import onnxruntime
 
@@ -241,34 +318,62 @@ def _manifest(src: ModelSource, opts: ExportOptions, graphs: dict[str, Any], par
     except ImportError:  # pragma: no cover
         ov_version = None
     return {
-        "model": {"name": cfg.name, "provenance": {**src.provenance, "git_revision": _git_revision()},
-                  "config": cfg.to_dict()},
+        "model": {
+            "name": cfg.name,
+            "provenance": {**src.provenance, "git_revision": _git_revision()},
+            "config": cfg.to_dict(),
+        },
         "audio": {"sample_rate": cfg.vae.sample_rate, "channels": 1},
         "latent": {
-            "channels": cfg.vae.latent_channels, "frames": cfg.dit.latent_frames,
-            "frame_rate": cfg.vae.latent_rate, "hop": cfg.vae.latent_hop,
-            "mean": src.latent_mean.tolist(), "std": src.latent_std.tolist(),
+            "channels": cfg.vae.latent_channels,
+            "frames": cfg.dit.latent_frames,
+            "frame_rate": cfg.vae.latent_rate,
+            "hop": cfg.vae.latent_hop,
+            "mean": src.latent_mean.tolist(),
+            "std": src.latent_std.tolist(),
             "normalisation": "z' = 0.5*(z - mean)/std; decode z = 2*std*z' + mean (inside the decoder graphs)",
-            "decoder_context": cfg.vae.decoder_context, "stream_chunk": opts.stream_chunk,
+            "decoder_context": cfg.vae.decoder_context,
+            "stream_chunk": opts.stream_chunk,
         },
-        "edm": {"sigma_min": cfg.edm.sigma_min, "sigma_max": cfg.edm.sigma_max, "rho": cfg.edm.rho,
-                "sigma_data": cfg.edm.sigma_data},
-        "guidance": {"omega_min": cfg.edm.omega_min, "omega_max": cfg.edm.omega_max,
-                     "default_omega": cfg.edm.default_omega, "default_nu": cfg.edm.default_nu,
-                     "default_gamma": cfg.edm.default_gamma, "default_steps": cfg.edm.default_steps},
-        "text": {"encoder": cfg.text.kind, "tokenizer": "tokenizer.json", "max_length": cfg.text.max_length,
-                 "hidden": int(src.text.hidden_size)},
+        "edm": {
+            "sigma_min": cfg.edm.sigma_min,
+            "sigma_max": cfg.edm.sigma_max,
+            "rho": cfg.edm.rho,
+            "sigma_data": cfg.edm.sigma_data,
+        },
+        "guidance": {
+            "omega_min": cfg.edm.omega_min,
+            "omega_max": cfg.edm.omega_max,
+            "default_omega": cfg.edm.default_omega,
+            "default_nu": cfg.edm.default_nu,
+            "default_gamma": cfg.edm.default_gamma,
+            "default_steps": cfg.edm.default_steps,
+        },
+        "text": {
+            "encoder": cfg.text.kind,
+            "tokenizer": "tokenizer.json",
+            "max_length": cfg.text.max_length,
+            "hidden": int(src.text.hidden_size),
+        },
         "graphs": graphs,
         "fused_steps": list(opts.steps),
         "int8": int8,
         "parity": {"min_snr_db": opts.min_snr_db, "graphs": parity},
         "licenses": licenses,
         "extra_files": extra,
-        "export": {"options": asdict(opts), "seconds": round(seconds, 1),
-                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                   "versions": {"soundctm_rt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                                "onnxruntime": onnxruntime.__version__, "openvino": ov_version,
-                                "python": platform.python_version()}},
+        "export": {
+            "options": asdict(opts),
+            "seconds": round(seconds, 1),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {
+                "soundctm_rt": __version__,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "openvino": ov_version,
+                "python": platform.python_version(),
+            },
+        },
     }
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..train.checkpoint import ModelSource
-from ..train.edm import G_from_g, c_in, c_noise, c_skip, c_out, gamma_s, karras_sigmas
+from ..train.edm import G_from_g, c_in, c_noise, c_out, c_skip, gamma_s, karras_sigmas
 from ..train.models.denoiser import CTMDenoiser
 from ..train.models.text import TextEncoder
 from ..train.models.vae import VAE

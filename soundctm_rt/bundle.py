@@ -120,15 +120,20 @@ class Bundle:
         for rel, meta in self.manifest["files"].items():
             p = self.root / rel
             if not p.is_file():
-                raise BundleError(f"bundle file {rel} is missing from {self.root}: copy the whole bundle directory "
-                                  "or re-export it")
+                raise BundleError(
+                    f"bundle file {rel} is missing from {self.root}: copy the whole bundle directory or re-export it"
+                )
             size = p.stat().st_size
             if size != meta["bytes"]:
-                raise BundleError(f"bundle file {rel} is {size} bytes, the manifest says {meta['bytes']}: it is "
-                                  "truncated or modified; re-copy or re-export the bundle")
+                raise BundleError(
+                    f"bundle file {rel} is {size} bytes, the manifest says {meta['bytes']}: it is "
+                    "truncated or modified; re-copy or re-export the bundle"
+                )
             if verify_hash and sha256_file(p) != meta["sha256"]:
-                raise BundleError(f"bundle file {rel} does not match its sha256 in the manifest: it is corrupt or "
-                                  "modified; re-copy or re-export the bundle")
+                raise BundleError(
+                    f"bundle file {rel} does not match its sha256 in the manifest: it is corrupt or "
+                    "modified; re-copy or re-export the bundle"
+                )
 
     # Convenience views on the manifest --------------------------------------------------------------
     def path(self, rel: str) -> Path:

@@ -21,8 +21,13 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
 
 def generate(
     prompt: str = typer.Argument(..., help="What to hear, e.g. 'Roland TR-808 kick drum'."),
-    output: Path = typer.Option(Path("out.wav"), "--output", "-o", help="WAV file to write; with --variations K, "
-                                "K files NAME_000.wav ... or, if the path is a folder, files inside it."),
+    output: Path = typer.Option(
+        Path("out.wav"),
+        "--output",
+        "-o",
+        help="WAV file to write; with --variations K, "
+        "K files NAME_000.wav ... or, if the path is a folder, files inside it.",
+    ),
     steps: int | None = typer.Option(None, help="Student steps (default: the bundle's, usually 1)."),
     gamma: float | None = typer.Option(None, help="γ in [0, 1]: 0 = deterministic CTM, 1 = consistency-model."),
     cfg: float | None = typer.Option(None, "--cfg", "--omega", help="Guidance scale ω the student was trained on."),
@@ -56,14 +61,16 @@ def generate(
     paths = _output_paths(output, variations)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for k, path in enumerate(paths):
-        audio, timing = eng.generate(prompt, seed=seed + k, steps=steps, gamma=gamma, omega=cfg, nu=nu,
-                                     duration=duration)
+        audio, timing = eng.generate(
+            prompt, seed=seed + k, steps=steps, gamma=gamma, omega=cfg, nu=nu, duration=duration
+        )
         sf.write(str(path), audio, eng.sample_rate, subtype=fmt)
         if json_out:
             typer.echo(json.dumps({"file": str(path), "seed": seed + k, **timing.to_dict()}))
         else:
-            typer.echo(f"{path}  {timing.audio_seconds:.2f} s  {timing.total_ms:.1f} ms  RTF {timing.rtf:.4f} "
-                       f"({timing.path})")
+            typer.echo(
+                f"{path}  {timing.audio_seconds:.2f} s  {timing.total_ms:.1f} ms  RTF {timing.rtf:.4f} ({timing.path})"
+            )
 
 
 def _output_paths(output: Path, k: int) -> list[Path]:
@@ -108,7 +115,8 @@ def describe(b: Bundle) -> str:
         f"edm         sigma {edm['sigma_min']} .. {edm['sigma_max']}, rho {edm['rho']}, sigma_data {edm['sigma_data']}",
         f"guidance    omega trained on [{g['omega_min']}, {g['omega_max']}]; defaults omega {g['default_omega']}, "
         f"nu {g['default_nu']}, gamma {g['default_gamma']}, steps {g['default_steps']}",
-        f"text        {text['encoder']} (hidden {text['hidden']}, max {text['max_length']} tokens, {text['tokenizer']})",
+        f"text        {text['encoder']} (hidden {text['hidden']}, max {text['max_length']} tokens, "
+        f"{text['tokenizer']})",
     ]
     if "dit" in cfg:
         d = cfg["dit"]
@@ -119,8 +127,9 @@ def describe(b: Bundle) -> str:
     for name, spec in m["graphs"].items():
         ins = ", ".join(f"{i['name']}{list(i['shape'])}" for i in spec["inputs"])
         outs = ", ".join(f"{o['name']}{list(o['shape'])}" for o in spec["outputs"])
-        snr = "; ".join(f"{be} " + ", ".join(f"{o} {v['snr_db']} dB" for o, v in r.items())
-                        for be, r in par.get(name, {}).items())
+        snr = "; ".join(
+            f"{be} " + ", ".join(f"{o} {v['snr_db']} dB" for o, v in r.items()) for be, r in par.get(name, {}).items()
+        )
         lines.append(f"  {name:<19} {ins} -> {outs}")
         lines.append(f"  {'':<19} backends: {', '.join(spec['files'])}; parity vs torch: {snr or 'n/a'}")
     for name, v in (m.get("int8") or {}).items():

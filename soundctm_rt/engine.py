@@ -72,13 +72,28 @@ class Engine:
         int8: use the bundle's INT8 variants (onnxruntime) of the graphs that have one.
     """
 
-    def __init__(self, bundle: str | os.PathLike[str] | Bundle | None = None, backend: str = "onnxruntime",
-                 device: str = "cpu", threads: int | None = None, audio_active: bool = False,
-                 prompt_cache: int = 256, warmup: bool = True, verify: bool = True, int8: bool = False) -> None:
+    def __init__(
+        self,
+        bundle: str | os.PathLike[str] | Bundle | None = None,
+        backend: str = "onnxruntime",
+        device: str = "cpu",
+        threads: int | None = None,
+        audio_active: bool = False,
+        prompt_cache: int = 256,
+        warmup: bool = True,
+        verify: bool = True,
+        int8: bool = False,
+    ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(resolve_bundle(bundle), verify=verify)
-        self.opts = BackendOptions(backend=backend, device=device, threads=threads, audio_active=audio_active,
-                                   cache_dir=str(Path(self.bundle.root) / ".ov_cache") if backend == "openvino"
-                                   and os.access(self.bundle.root, os.W_OK) else None)
+        self.opts = BackendOptions(
+            backend=backend,
+            device=device,
+            threads=threads,
+            audio_active=audio_active,
+            cache_dir=str(Path(self.bundle.root) / ".ov_cache")
+            if backend == "openvino" and os.access(self.bundle.root, os.W_OK)
+            else None,
+        )
         m = self.bundle.manifest
         self.sample_rate = int(m["audio"]["sample_rate"])
         lat = m["latent"]
@@ -87,11 +102,19 @@ class Engine:
         self.context = int(lat["decoder_context"])
         self.max_duration = self.latent_shape[2] * self.hop / self.sample_rate
         e = m["edm"]
-        self.sigma_min, self.sigma_max, self.rho = float(e["sigma_min"]), float(e["sigma_max"]), float(e["rho"])
+        self.sigma_min, self.sigma_max, self.rho = (
+            float(e["sigma_min"]),
+            float(e["sigma_max"]),
+            float(e["rho"]),
+        )
         gd = m["guidance"]
         self.omega_range = (float(gd["omega_min"]), float(gd["omega_max"]))
-        self.defaults = {"steps": int(gd["default_steps"]), "gamma": float(gd["default_gamma"]),
-                         "omega": float(gd["default_omega"]), "nu": float(gd["default_nu"])}
+        self.defaults: dict[str, Any] = {
+            "steps": int(gd["default_steps"]),
+            "gamma": float(gd["default_gamma"]),
+            "omega": float(gd["default_omega"]),
+            "nu": float(gd["default_nu"]),
+        }
         self.tokenizer = PromptTokenizer(self.bundle.path(m["text"]["tokenizer"]), int(m["text"]["max_length"]))
         self._sessions: dict[str, Session] = {}
         self.int8 = int8
@@ -130,8 +153,15 @@ class Engine:
         self._cache.pop("warm up", None)
 
     # Validation -------------------------------------------------------------------------------------
-    def check_params(self, steps: Any = None, gamma: Any = None, omega: Any = None, nu: Any = None,
-                     duration: Any = None, seed: Any = 0) -> dict[str, Any]:
+    def check_params(
+        self,
+        steps: Any = None,
+        gamma: Any = None,
+        omega: Any = None,
+        nu: Any = None,
+        duration: Any = None,
+        seed: Any = 0,
+    ) -> dict[str, Any]:
         """Validated generation parameters (None -> the bundle's defaults). Raises ValueError with the reason."""
         d = self.defaults
         steps = d["steps"] if steps is None else _as_int("steps", steps)
@@ -172,25 +202,35 @@ class Engine:
             self._cache.popitem(last=False)
         return cond
 
-    def _jump(self, cond: Conditioning, uncond: Conditioning | None, omega: float, nu: float,
-              timing: Timing) -> Callable[[np.ndarray, float, float], np.ndarray]:
+    def _jump(
+        self, cond: Conditioning, uncond: Conditioning | None, omega: float, nu: float, timing: Timing
+    ) -> Callable[[np.ndarray, float, float], np.ndarray]:
         """The student's jump G_ν(x, t, s) over `student_step`; ν = 1 skips the unconditional pass."""
         sess = self.session("student_step")
 
         def jump(x: np.ndarray, t: float, s: float) -> np.ndarray:
             t0 = time.perf_counter()
             if uncond is None:
-                feeds = {"x": x, "t": np.array([t], np.float32), "s": np.array([s], np.float32),
-                         "tokens": cond.tokens, "token_mask": cond.token_mask, "pooled": cond.pooled,
-                         "omega": np.array([omega], np.float32)}
+                feeds = {
+                    "x": x,
+                    "t": np.array([t], np.float32),
+                    "s": np.array([s], np.float32),
+                    "tokens": cond.tokens,
+                    "token_mask": cond.token_mask,
+                    "pooled": cond.pooled,
+                    "omega": np.array([omega], np.float32),
+                }
                 out = sess.run(feeds)[0]
             else:
-                feeds = {"x": np.concatenate([x, x]), "t": np.array([t, t], np.float32),
-                         "s": np.array([s, s], np.float32),
-                         "tokens": np.concatenate([uncond.tokens, cond.tokens]),
-                         "token_mask": np.concatenate([uncond.token_mask, cond.token_mask]),
-                         "pooled": np.concatenate([uncond.pooled, cond.pooled]),
-                         "omega": np.array([omega, omega], np.float32)}
+                feeds = {
+                    "x": np.concatenate([x, x]),
+                    "t": np.array([t, t], np.float32),
+                    "s": np.array([s, s], np.float32),
+                    "tokens": np.concatenate([uncond.tokens, cond.tokens]),
+                    "token_mask": np.concatenate([uncond.token_mask, cond.token_mask]),
+                    "pooled": np.concatenate([uncond.pooled, cond.pooled]),
+                    "omega": np.array([omega, omega], np.float32),
+                }
                 both = sess.run(feeds)[0]
                 out = nu_guided(both[:1], both[1:], nu)
             timing.step_ms.append(1e3 * (time.perf_counter() - t0))
@@ -198,9 +238,17 @@ class Engine:
 
         return jump
 
-    def sample_latent(self, prompt: str, seed: int = 0, steps: int | None = None, gamma: float | None = None,
-                      omega: float | None = None, nu: float | None = None,
-                      should_stop: Callable[[], bool] | None = None, timing: Timing | None = None) -> np.ndarray:
+    def sample_latent(
+        self,
+        prompt: str,
+        seed: int = 0,
+        steps: int | None = None,
+        gamma: float | None = None,
+        omega: float | None = None,
+        nu: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        timing: Timing | None = None,
+    ) -> np.ndarray:
         """Host γ-sampling -> normalised latent [1, C, T]."""
         p = self.check_params(steps=steps, gamma=gamma, omega=omega, nu=nu, seed=seed)
         timing = timing if timing is not None else Timing()
@@ -211,8 +259,15 @@ class Engine:
         eps_T, noises = draw_noise(p["seed"], self.latent_shape, p["steps"])
         sigmas = karras_sigmas(p["steps"] + 1, self.sigma_min, self.sigma_max, self.rho)
         t1 = time.perf_counter()
-        x = sample_gamma(self._jump(cond, uncond, p["omega"], p["nu"], timing), eps_T, sigmas, p["gamma"], noises,
-                         self.sigma_min, should_stop=should_stop)
+        x = sample_gamma(
+            self._jump(cond, uncond, p["omega"], p["nu"], timing),
+            eps_T,
+            sigmas,
+            p["gamma"],
+            noises,
+            self.sigma_min,
+            should_stop=should_stop,
+        )
         timing.sample_ms = 1e3 * (time.perf_counter() - t1)
         return x
 
@@ -220,10 +275,18 @@ class Engine:
         """Normalised latent [1, C, T] -> waveform [N] float32."""
         return self.session("vae_decoder").run({"latent": latent.astype(np.float32)})[0][0]
 
-    def generate(self, prompt: str, seed: int = 0, steps: int | None = None, gamma: float | None = None,
-                 omega: float | None = None, nu: float | None = None, duration: float | None = None,
-                 fused: bool | None = None, should_stop: Callable[[], bool] | None = None
-                 ) -> tuple[np.ndarray, Timing]:
+    def generate(
+        self,
+        prompt: str,
+        seed: int = 0,
+        steps: int | None = None,
+        gamma: float | None = None,
+        omega: float | None = None,
+        nu: float | None = None,
+        duration: float | None = None,
+        fused: bool | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[np.ndarray, Timing]:
         """Prompt -> (mono float32 audio [N] at sample_rate, Timing). Deterministic for a seed.
 
         fused: None picks the fused graph when it exists for the step count and ν = 1; True requires it.
@@ -233,13 +296,23 @@ class Engine:
         t_start = time.perf_counter()
         can_fuse = self.has_fused(p["steps"]) and p["nu"] == 1.0
         if fused and not can_fuse:
-            raise ValueError(f"no fused graph for steps={p['steps']}, nu={p['nu']} in this bundle "
-                             f"(fused: {self.bundle.fused_steps}, nu = 1 only)")
+            raise ValueError(
+                f"no fused graph for steps={p['steps']}, nu={p['nu']} in this bundle "
+                f"(fused: {self.bundle.fused_steps}, nu = 1 only)"
+            )
         if can_fuse and fused is not False:
             audio = self._generate_fused(prompt, p, timing)
         else:
-            x = self.sample_latent(prompt, p["seed"], p["steps"], p["gamma"], p["omega"], p["nu"],
-                                   should_stop=should_stop, timing=timing)
+            x = self.sample_latent(
+                prompt,
+                p["seed"],
+                p["steps"],
+                p["gamma"],
+                p["omega"],
+                p["nu"],
+                should_stop=should_stop,
+                timing=timing,
+            )
             t0 = time.perf_counter()
             audio = self.decode(x)
             timing.decode_ms = 1e3 * (time.perf_counter() - t0)
@@ -257,8 +330,14 @@ class Engine:
         cond = self.encode_prompt(prompt)
         timing.text_ms = 1e3 * (time.perf_counter() - t0)
         eps_T, noises = draw_noise(p["seed"], self.latent_shape, p["steps"])
-        feeds = {"eps_T": eps_T, "tokens": cond.tokens, "token_mask": cond.token_mask, "pooled": cond.pooled,
-                 "omega": np.array([p["omega"]], np.float32), "gamma": np.array([p["gamma"]], np.float32)}
+        feeds = {
+            "eps_T": eps_T,
+            "tokens": cond.tokens,
+            "token_mask": cond.token_mask,
+            "pooled": cond.pooled,
+            "omega": np.array([p["omega"]], np.float32),
+            "gamma": np.array([p["gamma"]], np.float32),
+        }
         if p["steps"] > 1:
             feeds["noise"] = np.stack(noises)[:, :, :, :]
         t1 = time.perf_counter()
@@ -273,9 +352,17 @@ class Engine:
         timing.decode_ms = 1e3 * (time.perf_counter() - t2)
         return audio
 
-    def stream(self, prompt: str, seed: int = 0, steps: int | None = None, gamma: float | None = None,
-               omega: float | None = None, nu: float | None = None, duration: float | None = None,
-               should_stop: Callable[[], bool] | None = None) -> Iterator[np.ndarray]:
+    def stream(
+        self,
+        prompt: str,
+        seed: int = 0,
+        steps: int | None = None,
+        gamma: float | None = None,
+        omega: float | None = None,
+        nu: float | None = None,
+        duration: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[np.ndarray]:
         """Yield decoded audio chunks (float32 [chunk·hop]) as soon as each streaming-decoder window is done.
 
         The chunks concatenate to `generate(..., fused=False)`'s audio. `last_timing` is set at the end.
@@ -283,15 +370,23 @@ class Engine:
         p = self.check_params(steps=steps, gamma=gamma, omega=omega, nu=nu, duration=duration, seed=seed)
         timing = Timing(path="stream")
         t_start = time.perf_counter()
-        x = self.sample_latent(prompt, p["seed"], p["steps"], p["gamma"], p["omega"], p["nu"],
-                               should_stop=should_stop, timing=timing)
+        x = self.sample_latent(
+            prompt,
+            p["seed"],
+            p["steps"],
+            p["gamma"],
+            p["omega"],
+            p["nu"],
+            should_stop=should_stop,
+            timing=timing,
+        )
         sess = self.session("vae_decoder_stream")
         chunk = int(self.bundle.graph("vae_decoder_stream").attrs["chunk"])
         R, T = self.context, x.shape[-1]
         n_chunks = math.ceil(T / chunk)
         tail = n_chunks * chunk - T  # extra replicated frames so the last window is full
         padded = np.concatenate([np.repeat(x[..., :1], R, -1), x, np.repeat(x[..., -1:], R + tail, -1)], -1)
-        remaining = int(round(p["duration"] * self.sample_rate))
+        remaining = round(p["duration"] * self.sample_rate)
         fade = p["duration"] < self.max_duration - 1e-9
         t_dec = time.perf_counter()
         for i in range(n_chunks):
@@ -315,7 +410,7 @@ class Engine:
         self.last_timing = timing
 
     def _trim(self, audio: np.ndarray, duration: float) -> np.ndarray:
-        n = int(round(duration * self.sample_rate))
+        n = round(duration * self.sample_rate)
         if n >= len(audio):
             return audio.astype(np.float32, copy=False)
         return _fade_out(audio[:n].astype(np.float32, copy=True), int(FADE_SECONDS * self.sample_rate))

@@ -29,13 +29,21 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> np.
 def gamma_s(sigma_next: np.float32, gamma: float, sigma_min: float) -> np.float32:
     """s_i = sqrt(1 - γ²)·(σ_{i+1} - σ_min) + σ_min, in float32.  # METHOD §4"""
     g = np.float32(gamma)
-    return np.float32(np.sqrt(np.float32(1.0) - g * g) * (np.float32(sigma_next) - np.float32(sigma_min))
-                      + np.float32(sigma_min))
+    return np.float32(
+        np.sqrt(np.float32(1.0) - g * g) * (np.float32(sigma_next) - np.float32(sigma_min)) + np.float32(sigma_min)
+    )
 
 
-def sample_gamma(jump: Jump, eps_T: np.ndarray, sigmas: np.ndarray, gamma: float, noises: Sequence[np.ndarray],
-                 sigma_min: float, on_step: Callable[[int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+def sample_gamma(
+    jump: Jump,
+    eps_T: np.ndarray,
+    sigmas: np.ndarray,
+    gamma: float,
+    noises: Sequence[np.ndarray],
+    sigma_min: float,
+    on_step: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray:
     """γ-sampling from standard-normal eps_T [1, C, T]; noises[i] is ε_i for steps i < steps - 1.
 
     on_step(i) is called after each jump (timing); should_stop() is polled between steps (raises Stopped).

@@ -7,9 +7,33 @@ import sys
 
 def test_bench_json_and_plot(tiny_bundle, tmp_path):
     out, png = tmp_path / "out.json", tmp_path / "out.png"
-    r = subprocess.run([sys.executable, "-m", "soundctm_rt", "bench", "--device", "cpu", "--bundle", str(tiny_bundle),
-                        "--backend", "all", "--steps", "1,2,3", "--runs", "2", "--warmup", "1", "--json", str(out),
-                        "--plot", str(png)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "soundctm_rt",
+            "bench",
+            "--device",
+            "cpu",
+            "--bundle",
+            str(tiny_bundle),
+            "--backend",
+            "all",
+            "--steps",
+            "1,2,3",
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     rep = json.loads(out.read_text())
     assert {"machine", "bundle", "peak_gflops", "results", "torch_eager"} <= set(rep)
@@ -28,6 +52,10 @@ def test_bench_json_and_plot(tiny_bundle, tmp_path):
 
 
 def test_bench_bad_steps(tiny_bundle):
-    r = subprocess.run([sys.executable, "-m", "soundctm_rt", "bench", "--bundle", str(tiny_bundle), "--steps", "a"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "soundctm_rt", "bench", "--bundle", str(tiny_bundle), "--steps", "a"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "--steps" in r.stderr

@@ -19,8 +19,15 @@ def bundle_copy(tiny_bundle, tmp_path):
 def test_open_valid_bundle(tiny_bundle):
     b = Bundle.open(tiny_bundle)
     assert b.fused_steps == [1, 2, 4]
-    assert {"text_encoder", "student_step", "fused_1", "fused_2", "fused_4", "vae_decoder",
-            "vae_decoder_stream"} <= set(b.graphs)
+    assert {
+        "text_encoder",
+        "student_step",
+        "fused_1",
+        "fused_2",
+        "fused_4",
+        "vae_decoder",
+        "vae_decoder_stream",
+    } <= set(b.graphs)
     for g in b.graphs.values():
         assert set(g.files) == {"onnxruntime", "openvino"}
     m = b.manifest
@@ -29,7 +36,11 @@ def test_open_valid_bundle(tiny_bundle):
     for graph, per_backend in m["parity"]["graphs"].items():
         for backend, outs in per_backend.items():
             for out, fig in outs.items():
-                assert fig["snr_db"] == "inf" or fig["snr_db"] >= m["parity"]["min_snr_db"], (graph, backend, out)
+                assert fig["snr_db"] == "inf" or fig["snr_db"] >= m["parity"]["min_snr_db"], (
+                    graph,
+                    backend,
+                    out,
+                )
 
 
 def test_tampered_file_is_named(bundle_copy):
@@ -72,7 +83,7 @@ def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="does not exist"):
         Bundle.open(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BundleError, match="manifest.json is missing"):
+    with pytest.raises(BundleError, match=r"manifest\.json is missing"):
         Bundle.open(tmp_path / "empty")
 
 

@@ -23,14 +23,40 @@ def test_generate_writes_a_deterministic_wav(tiny_bundle, tmp_path):
     assert sr == 44100 and audio.ndim == 1 and len(audio) == 16 * 1024
     assert np.abs(audio).max() > 0
     again = tmp_path / "again.wav"
-    assert run("generate", "Roland TR-808 kick drum", "-o", again, "--bundle", tiny_bundle, "--seed", 3,
-               "--steps", 2).returncode == 0
+    assert (
+        run(
+            "generate",
+            "Roland TR-808 kick drum",
+            "-o",
+            again,
+            "--bundle",
+            tiny_bundle,
+            "--seed",
+            3,
+            "--steps",
+            2,
+        ).returncode
+        == 0
+    )
     assert out.read_bytes() == again.read_bytes()
 
 
 def test_generate_variations_and_openvino(tiny_bundle, tmp_path):
-    r = run("generate", "metal door slam", "--variations", 3, "-o", tmp_path / "sfx", "--bundle", tiny_bundle,
-            "--backend", "openvino", "--duration", 0.2, "--json")
+    r = run(
+        "generate",
+        "metal door slam",
+        "--variations",
+        3,
+        "-o",
+        tmp_path / "sfx",
+        "--bundle",
+        tiny_bundle,
+        "--backend",
+        "openvino",
+        "--duration",
+        0.2,
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     files = sorted((tmp_path / "sfx").glob("take_*.wav"))
     assert [f.name for f in files] == ["take_000.wav", "take_001.wav", "take_002.wav"]
@@ -41,10 +67,17 @@ def test_generate_variations_and_openvino(tiny_bundle, tmp_path):
     assert not np.array_equal(takes[0], takes[1])
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["--steps", "0"], "steps"), (["--gamma", "2"], "gamma"), (["--cfg", "nan"], "finite"),
-    (["--duration", "60"], "duration"), (["-o", "x.mp3"], ".wav"), (["--backend", "tensorrt"], "backend"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--steps", "0"], "steps"),
+        (["--gamma", "2"], "gamma"),
+        (["--cfg", "nan"], "finite"),
+        (["--duration", "60"], "duration"),
+        (["-o", "x.mp3"], ".wav"),
+        (["--backend", "tensorrt"], "backend"),
+    ],
+)
 def test_generate_bad_arguments(tiny_bundle, tmp_path, args, msg):
     base = ["generate", "x", "--bundle", tiny_bundle]
     if "-o" not in args:

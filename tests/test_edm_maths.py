@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-
-from soundctm_rt import sampling as np_sampling
 from soundctm_rt.train import edm
 from soundctm_rt.train.models.dit import omega_embedding
+
+from soundctm_rt import sampling as np_sampling
 
 
 def test_karras_grid_endpoints_and_order():
@@ -40,7 +40,8 @@ def test_gamma_s():
     assert float(edm.gamma_s(1.0, 0.0, 0.002)) == pytest.approx(1.0)  # γ = 0: s = σ_{i+1}
     assert float(edm.gamma_s(1.0, 1.0, 0.002)) == pytest.approx(0.002)  # γ = 1: s = σ_min
     assert float(np_sampling.gamma_s(np.float32(1.0), 0.5, 0.002)) == pytest.approx(
-        float(edm.gamma_s(1.0, 0.5, 0.002)), rel=1e-6)
+        float(edm.gamma_s(1.0, 0.5, 0.002)), rel=1e-6
+    )
 
 
 def test_omega_embedding_is_zero_at_zero():

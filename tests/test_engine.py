@@ -104,13 +104,25 @@ def test_duration_trims_with_a_fade(engine):
     assert audio[-1] == 0.0
 
 
-@pytest.mark.parametrize("kw, msg", [
-    ({"steps": 0}, "steps"), ({"steps": 1000}, "steps"), ({"steps": 1.5}, "whole"), ({"steps": "x"}, "number"),
-    ({"gamma": -0.1}, "gamma"), ({"gamma": math.nan}, "finite"), ({"omega": math.inf}, "finite"),
-    ({"omega": 50.0}, "trained"), ({"nu": -1.0}, "nu"), ({"duration": 0.0}, "duration"),
-    ({"duration": 100.0}, "duration"), ({"duration": -1.0}, "duration"), ({"seed": -1}, "seed"),
-    ({"seed": 2**70}, r"seed must be in \[0"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": 1000}, "steps"),
+        ({"steps": 1.5}, "whole"),
+        ({"steps": "x"}, "number"),
+        ({"gamma": -0.1}, "gamma"),
+        ({"gamma": math.nan}, "finite"),
+        ({"omega": math.inf}, "finite"),
+        ({"omega": 50.0}, "trained"),
+        ({"nu": -1.0}, "nu"),
+        ({"duration": 0.0}, "duration"),
+        ({"duration": 100.0}, "duration"),
+        ({"duration": -1.0}, "duration"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**70}, r"seed must be in \[0"),
+    ],
+)
 def test_bad_parameters_are_refused_with_the_reason(tiny_engine, kw, msg):
     with pytest.raises(ValueError, match=msg):
         tiny_engine.check_params(**kw)

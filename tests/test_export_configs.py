@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from soundctm_rt.train.checkpoint import init_random
 from soundctm_rt.train.models.config import available_configs, load_model_config
 
@@ -42,7 +41,8 @@ def test_full_size_config_exports(name, tmp_path):
     """The real architectures export and pass the parity gate (1 fused step, ONNX only, to keep it short)."""
     from soundctm_rt.export.pipeline import ExportOptions, export_bundle
 
-    out = export_bundle(init_random(load_model_config(name)), tmp_path / name,
-                        ExportOptions(steps=(1,), openvino=False))
+    out = export_bundle(
+        init_random(load_model_config(name)), tmp_path / name, ExportOptions(steps=(1,), openvino=False)
+    )
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["name"] == name and m["graphs"]["student_step"]["attrs"]["flops"] > 0

@@ -58,8 +58,15 @@ def init_random(cfg: ModelConfig, seed: int = 0) -> ModelSource:
     text, student, vae = build_networks(cfg)
     perturb_zero_init(student, seed)
     c = cfg.vae.latent_channels
-    return ModelSource(cfg, student.eval(), vae.eval(), text, torch.zeros(c), torch.ones(c),
-                       {"init": "random", "seed": seed, "config": cfg.name})
+    return ModelSource(
+        cfg,
+        student.eval(),
+        vae.eval(),
+        text,
+        torch.zeros(c),
+        torch.ones(c),
+        {"init": "random", "seed": seed, "config": cfg.name},
+    )
 
 
 def save_model_checkpoint(path: str | Path, src: ModelSource, dtype: torch.dtype = torch.float16) -> Path:
@@ -72,7 +79,11 @@ def save_model_checkpoint(path: str | Path, src: ModelSource, dtype: torch.dtype
             tensors[prefix + k] = v.detach().to(dtype).contiguous() if v.is_floating_point() else v.contiguous()
     tensors["latent_mean"] = src.latent_mean.float().contiguous()
     tensors["latent_std"] = src.latent_std.float().contiguous()
-    meta = {"format": FORMAT, "config": json.dumps(src.config.to_dict()), "provenance": json.dumps(src.provenance)}
+    meta = {
+        "format": FORMAT,
+        "config": json.dumps(src.config.to_dict()),
+        "provenance": json.dumps(src.provenance),
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
@@ -93,16 +104,28 @@ def load_model_checkpoint(path: str | Path) -> ModelSource:
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors checkpoint ({e})") from e
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a soundctm-rt model checkpoint (format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r}); export takes the final checkpoint of `train distill`")
+        raise ValueError(
+            f"{path} is not a soundctm-rt model checkpoint (format {meta.get('format')!r}, "
+            f"expected {FORMAT!r}); export takes the final checkpoint of `train distill`"
+        )
     cfg = ModelConfig.from_dict(json.loads(meta["config"]))
     text, student, vae = build_networks(cfg)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v.float() if v.is_floating_point() else v
-                for k, v in tensors.items() if k.startswith(prefix)}
+        return {
+            k[len(prefix) :]: v.float() if v.is_floating_point() else v
+            for k, v in tensors.items()
+            if k.startswith(prefix)
+        }
 
     student.net.load_state_dict(part("student."))
     vae.load_state_dict(part("vae."))
-    return ModelSource(cfg, student.eval(), vae.eval(), text, tensors["latent_mean"].float(),
-                       tensors["latent_std"].float(), json.loads(meta.get("provenance", "{}")))
+    return ModelSource(
+        cfg,
+        student.eval(),
+        vae.eval(),
+        text,
+        tensors["latent_mean"].float(),
+        tensors["latent_std"].float(),
+        json.loads(meta.get("provenance", "{}")),
+    )

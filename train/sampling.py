@@ -24,16 +24,27 @@ def guided_jump(model: CTMDenoiser, cond: Conditioning, uncond: Conditioning, om
         w = torch.full((b,), float(omega))
         if nu == 1.0:
             return model.G(x, t, s, cond.expand(b), w)
-        both = model.G(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, s]),
-                       uncond.expand(b).cat(cond.expand(b)), torch.cat([w, w]))
+        both = model.G(
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            torch.cat([s, s]),
+            uncond.expand(b).cat(cond.expand(b)),
+            torch.cat([w, w]),
+        )
         x_u, x_c = both.chunk(2)
         return x_u + nu * (x_c - x_u)
 
     return jump
 
 
-def sample_gamma(jump: Jump, x_T: torch.Tensor, sigmas: torch.Tensor, gamma: float,
-                 noises: Sequence[torch.Tensor], sigma_min: float) -> torch.Tensor:
+def sample_gamma(
+    jump: Jump,
+    x_T: torch.Tensor,
+    sigmas: torch.Tensor,
+    gamma: float,
+    noises: Sequence[torch.Tensor],
+    sigma_min: float,
+) -> torch.Tensor:
     """γ-sampling (METHOD §4). x_T is already scaled (σ_max·ε); noises[i] is ε_i for steps i < steps-1."""
     x = x_T
     steps = len(sigmas) - 1

@@ -7,10 +7,11 @@ too. Only the `[vae]`, `[dit]`, `[text]` and `[edm]` tables are read here: train
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -63,7 +64,10 @@ class TextConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.kind in ("minilm", "random-bert"), f"text.kind must be minilm or random-bert, not {self.kind!r}")
+        _require(
+            self.kind in ("minilm", "random-bert"),
+            f"text.kind must be minilm or random-bert, not {self.kind!r}",
+        )
         _require(2 <= self.max_length <= 512, "text.max_length must be in [2, 512]")
 
 
@@ -100,7 +104,10 @@ class EDMConfig:
 
     def __post_init__(self) -> None:
         _require(0 < self.sigma_min < self.sigma_max, "edm: need 0 < sigma_min < sigma_max")
-        _require(self.omega_min <= self.default_omega <= self.omega_max, "edm.default_omega outside the omega range")
+        _require(
+            self.omega_min <= self.default_omega <= self.omega_max,
+            "edm.default_omega outside the omega range",
+        )
         _require(0.0 <= self.default_gamma <= 1.0, "edm.default_gamma must be in [0, 1]")
 
 
@@ -141,7 +148,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     candidate = CONFIG_DIR / f"{name_or_path}.toml"
     if candidate.exists():
         return candidate
-    raise ValueError(f"unknown config {str(name_or_path)!r}: use one of {available_configs()} or a path to a .toml file")
+    raise ValueError(
+        f"unknown config {str(name_or_path)!r}: use one of {available_configs()} or a path to a .toml file"
+    )
 
 
 def load_toml(name_or_path: str | Path) -> dict[str, Any]:

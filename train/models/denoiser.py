@@ -26,9 +26,7 @@ class Conditioning:
 
     def expand(self, b: int) -> Conditioning:
         """Broadcast a batch-1 conditioning to b rows."""
-        return Conditioning(
-            self.tokens.expand(b, -1, -1), self.token_mask.expand(b, -1), self.pooled.expand(b, -1)
-        )
+        return Conditioning(self.tokens.expand(b, -1, -1), self.token_mask.expand(b, -1), self.pooled.expand(b, -1))
 
 
 class CTMDenoiser(nn.Module):
@@ -39,19 +37,35 @@ class CTMDenoiser(nn.Module):
         self.net = net
         self.sigma_data = sigma_data
 
-    def g(self, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Conditioning, omega: torch.Tensor,
-          return_features: bool = False):
+    def g(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        s: torch.Tensor,
+        cond: Conditioning,
+        omega: torch.Tensor,
+        return_features: bool = False,
+    ):
         """c_skip(t)·x_t + c_out(t)·F(c_in(t)·x_t, c_noise(t), c_noise(s), c, ω). t, s, ω: [B]."""
         x_in = c_in(t, self.sigma_data)[:, None, None] * x_t
-        out = self.net(x_in, c_noise(t), c_noise(s), cond.tokens, cond.token_mask, cond.pooled, omega,
-                       return_features=return_features)
+        out = self.net(
+            x_in,
+            c_noise(t),
+            c_noise(s),
+            cond.tokens,
+            cond.token_mask,
+            cond.pooled,
+            omega,
+            return_features=return_features,
+        )
         if return_features:
             F_out, feats = out
             return g_from_F(x_t, t, F_out, self.sigma_data), feats
         return g_from_F(x_t, t, out, self.sigma_data)
 
-    def G(self, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Conditioning,
-          omega: torch.Tensor) -> torch.Tensor:
+    def G(
+        self, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Conditioning, omega: torch.Tensor
+    ) -> torch.Tensor:
         """Jump from t to s (METHOD §2)."""
         return G_from_g(x_t, t, s, self.g(x_t, t, s, cond, omega))
 

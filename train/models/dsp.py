@@ -36,8 +36,12 @@ class InverseRFFT(nn.Module):
         a2 = 2 * math.pi * torch.outer(k2, k2) / n2  # [k2, n2]
         tw = 2 * math.pi * torch.outer(torch.arange(n1, dtype=torch.float64), k2) / n  # [n1, k2]
         for name, val in {
-            "c1": torch.cos(a1), "s1": torch.sin(a1), "c2": torch.cos(a2) / n, "s2": torch.sin(a2) / n,
-            "tc": torch.cos(tw), "ts": torch.sin(tw),
+            "c1": torch.cos(a1),
+            "s1": torch.sin(a1),
+            "c2": torch.cos(a2) / n,
+            "s2": torch.sin(a2) / n,
+            "tc": torch.cos(tw),
+            "ts": torch.sin(tw),
         }.items():
             self.register_buffer(name, val.float(), persistent=False)
 

@@ -61,7 +61,9 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         if cfg.kind == "minilm":
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            self.bert = BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False, attn_implementation="eager")
+            self.bert = BertModel.from_pretrained(
+                str(minilm_dir()), add_pooling_layer=False, attn_implementation="eager"
+            )
         else:
             torch.manual_seed(cfg.seed)
             bcfg = BertConfig(
