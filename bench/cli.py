@@ -26,6 +26,7 @@ def cpu(
     json_path: Path | None = typer.Option(None, "--json", help="Write the full report as JSON."),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot of RTF per step count."),
     no_torch: bool = typer.Option(False, "--no-torch", help="Skip the torch-eager comparison."),
+    profile: bool = typer.Option(False, "--profile", help="Also profile a student step by operator type."),
 ) -> None:
     """Per backend and step count: RTF end to end and per stage, p50/p95/p99, vs torch eager and the peak."""
     if ctx.invoked_subcommand is not None:
@@ -62,7 +63,14 @@ def cpu(
     except BundleError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         raise typer.Exit(2) from None
+    if profile:
+        from ..bundle import Bundle
+        from .profile import format_profile, profile_student_step
+
+        report["student_step_profile"] = profile_student_step(Bundle.open(resolve_bundle(bundle)), threads=threads)
     typer.echo(format_table(report))
+    if profile:
+        typer.echo(format_profile(report["student_step_profile"]))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
@@ -89,6 +90,7 @@ class SharedWeights:
     def externalize(self, model_path: Path) -> None:
         """Move the big initializers of the model at model_path into the shared file (rewrites the model)."""
         model = onnx.load(str(model_path), load_external_data=True)
+        fold_constant_transposes(model)
         for init in model.graph.initializer:
             arr = numpy_helper.to_array(init)
             raw = arr.tobytes()
@@ -107,6 +109,38 @@ class SharedWeights:
 
     def close(self) -> None:
         self.f.close()
+
+
+def fold_constant_transposes(model: onnx.ModelProto) -> int:
+    """Replace Transpose(initializer) nodes by a transposed initializer, in place; returns how many.
+
+    The exporter's optimiser folds these in some graphs and not in others (a weight used by several unrolled
+    steps keeps its Transpose), so the same weight would be stored in two layouts. Folding them all makes
+    every graph hold the layout the MatMul consumes, and the shared weights file deduplicates them.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    folded = []
+    for node in model.graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in inits:
+            continue
+        arr = numpy_helper.to_array(inits[node.input[0]])
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(arr.ndim))[::-1])
+        model.graph.initializer.append(
+            numpy_helper.from_array(np.ascontiguousarray(arr.transpose(perm)), node.output[0])
+        )
+        folded.append(node)
+        uses[node.input[0]] -= 1
+    for node in folded:
+        model.graph.node.remove(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    for name, init in list(inits.items()):
+        if uses.get(name, 0) == 0 and name not in graph_outputs:
+            model.graph.initializer.remove(init)
+    return len(folded)
 
 
 def io_contract(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -29,6 +29,7 @@ def test_bench_json_and_plot(tiny_bundle, tmp_path):
             str(out),
             "--plot",
             str(png),
+            "--profile",
         ],
         capture_output=True,
         text=True,
@@ -48,6 +49,9 @@ def test_bench_json_and_plot(tiny_bundle, tmp_path):
     host = [row for row in rep["results"] if row["path"] == "host"]
     assert all({"text", "step", "decode"} <= set(row["stages_ms"]) for row in host)
     assert png.stat().st_size > 1000
+    prof = rep["student_step_profile"]
+    assert "MatMul" in prof["op_share"] and abs(sum(prof["op_share"].values()) - 1.0) < 0.01
+    assert "student_step profile" in r.stdout
     assert "RTF p50" in r.stdout
 
 
