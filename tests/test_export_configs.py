@@ -46,3 +46,13 @@ def test_full_size_config_exports(name, tmp_path):
     )
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["name"] == name and m["graphs"]["student_step"]["attrs"]["flops"] > 0
+
+
+def test_parity_gate_refuses_an_export_above_tolerance(tiny_source, tmp_path):
+    """No backend reproduces torch to 400 dB, so the gate must refuse the export, naming graph and backend."""
+    from soundctm_rt.export.parity import ParityError
+    from soundctm_rt.export.pipeline import ExportOptions, export_bundle
+
+    with pytest.raises(ParityError, match=r"text_encoder on onnxruntime: output \w+ SNR .* < 400"):
+        export_bundle(tiny_source, tmp_path / "b", ExportOptions(steps=(1,), openvino=False, min_snr_db=400.0))
+    assert not (tmp_path / "b" / "manifest.json").exists()
