@@ -76,3 +76,10 @@ def cpu(
         json_path.write_text(json.dumps(report, indent=2) + "\n")
     if plot_path:
         plot(report, plot_path)
+
+
+from .latency import latency  # noqa: E402
+from .soak import soak  # noqa: E402
+
+app.command()(latency)
+app.command()(soak)

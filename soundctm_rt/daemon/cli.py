@@ -2,9 +2,123 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
 import typer
 
+log = logging.getLogger(__name__)
 
-def serve() -> None:
-    """Serve OSC prompts (the daemon lands with its own issue)."""
-    raise typer.Exit(2)
+
+def _err(msg: str) -> typer.Exit:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+def serve(
+    bundle: Path | None = typer.Option(None, help="Bundle directory or zip (default: the shipped model)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; wider than loopback needs --allow."),
+    port: int = typer.Option(9000, min=0, max=65535, help="UDP port for OSC (0: any free port)."),
+    reply_host: str | None = typer.Option(
+        None, help="Also send every reply here (default 127.0.0.1 with --reply-port)."
+    ),
+    reply_port: int | None = typer.Option(
+        None, min=1, max=65535, help="Also send every reply to this port (Max's udpsend cannot receive replies)."
+    ),
+    device: str | None = typer.Option(None, help="Audio output device (PortAudio name or index; default device)."),
+    output: Path | None = typer.Option(None, help="Record the output to this WAV file instead of a sound card."),
+    no_audio: bool = typer.Option(False, "--no-audio", help="No audio output: generate and reply only."),
+    samplerate: int = typer.Option(48000, min=8000, max=384000, help="Output sample rate (Hz)."),
+    blocksize: int = typer.Option(256, min=16, max=8192, help="Frames per audio callback."),
+    channels: int = typer.Option(2, min=1, max=2, help="Output channels (2: pan applies)."),
+    lead: float = typer.Option(
+        1.0,
+        min=0.25,
+        max=64.0,
+        help="Blocks the mixer keeps ahead of the callback: smaller is sooner, larger survives more scheduling jitter.",
+    ),
+    max_queue: int = typer.Option(8, min=1, max=1024, help="Jobs waiting at most; more get /fail ... busy."),
+    allow: list[str] = typer.Option(
+        [], "--allow", help="Client address or network allowed (repeatable); required to serve beyond loopback."
+    ),
+    render_dir: Path | None = typer.Option(None, help="Folder /soundctm/render may write into (off without it)."),
+    backend: str = typer.Option("onnxruntime", help="Inference backend: onnxruntime or openvino."),
+    engine_device: str = typer.Option("cpu", help="Inference device: cpu, gpu or npu (where the backend has it)."),
+    threads: int | None = typer.Option(None, min=1, help="Intra-op threads (default: cores - 1 with audio)."),
+) -> None:
+    """Serve prompts over OSC: /soundctm/generate 'gritty 808 snare' 7 plays it (see docs/osc.md)."""
+    import ipaddress
+    import socket
+
+    from ..bundle import BundleError, resolve_bundle
+    from .audio import NoAudioDevice
+    from .server import Daemon, DaemonConfig, open_output
+
+    if sum([device is not None, output is not None, no_audio]) > 1:
+        raise _err("choose one of --device, --output and --no-audio")
+    if output is not None and output.suffix.lower() != ".wav":
+        raise _err(f"--output must end in .wav, got {output}")
+    try:
+        bound = ipaddress.ip_address(socket.gethostbyname(host))
+        for a in allow:
+            ipaddress.ip_network(a, strict=False)
+    except (OSError, ValueError) as e:
+        raise _err(f"bad --host or --allow: {e}") from None
+    if not bound.is_loopback and not allow:
+        raise _err(f"binding to {host} exposes the daemon: add --allow ADDR for each client (or bind 127.0.0.1)")
+    dev: str | int | None = int(device) if device is not None and device.isdigit() else device
+    cfg = DaemonConfig(
+        host=host,
+        port=port,
+        reply_host=reply_host,
+        reply_port=reply_port,
+        allow=list(allow),
+        max_queue=max_queue,
+        samplerate=samplerate,
+        blocksize=blocksize,
+        channels=channels,
+        lead_blocks=lead,
+        device=dev,
+        output=output,
+        no_audio=no_audio,
+        render_dir=render_dir,
+    )
+    if render_dir is not None:
+        render_dir.mkdir(parents=True, exist_ok=True)
+    # A short GIL switch interval: the audio callback thread waits at most this long for the interpreter.
+    sys.setswitchinterval(0.001)
+    try:
+        out = open_output(cfg)  # opens the device first: a missing one is reported before the model loads
+    except NoAudioDevice as e:
+        raise _err(str(e)) from None
+    from ..engine import Engine
+
+    try:
+        engine = Engine(
+            resolve_bundle(bundle), backend=backend, device=engine_device, threads=threads, audio_active=out is not None
+        )
+        daemon = Daemon(engine, cfg, out)
+    except (BundleError, OSError, ValueError) as e:
+        if out is not None:
+            out.close()
+        raise _err(str(e)) from None
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    daemon.start()
+    h, p = daemon.address[:2]
+    typer.echo(f"listening on {h}:{p}", nl=True)
+    sys.stdout.flush()
+    try:
+        while not stop.wait(0.2):
+            pass
+    finally:
+        daemon.stop()
+        log.info("stopped")

@@ -1,0 +1,130 @@
+"""`soundctm-rt bench soak`: R triggers per second for M minutes on a JACK dummy clock; underruns, ring
+starvation and the daemon's resident memory sampled over time."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from soundctm_rt.daemon.client import OscClient
+
+from .latency import jack_daemon, percentiles
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
+
+
+def run_soak(
+    bundle: Path | None,
+    minutes: float,
+    rate: float,
+    samplerate: int,
+    blocksize: int,
+    lead: float,
+    generate_every: int = 10,
+    sample_s: float = 10.0,
+) -> dict[str, Any]:
+    from .machine import fingerprint
+
+    series: list[dict[str, Any]] = []
+    lat: list[float] = []
+    fails: list[Any] = []
+    with jack_daemon(bundle, samplerate, blocksize, lead) as (port, proc), OscClient(port) as c:
+        c.send("/soundctm/preload", "kick drum", 4)
+        c.expect("/soundctm/done", 300)
+        s0 = c.status()
+        t0 = time.monotonic()
+        end = t0 + minutes * 60
+        next_sample = t0
+        i = 0
+        while time.monotonic() < end:
+            now = time.monotonic()
+            if now >= next_sample:
+                s = c.status()
+                series.append(
+                    {
+                        "t_s": round(now - t0, 1),
+                        "rss_kib": _rss_kib(proc.pid),
+                        **{
+                            k: s[k] - s0[k]
+                            for k in ("underruns", "starved_callbacks", "starved_frames", "voice_gaps", "completed")
+                        },
+                    }
+                )
+                next_sample += sample_s
+            if generate_every and i % generate_every == generate_every - 1:
+                c.send("/soundctm/generate", "gritty 808 snare", i, 1)  # keeps the worker and the GIL busy too
+            else:
+                c.send("/soundctm/trigger", "kick drum")
+            i += 1
+            due = t0 + i / rate
+            while (left := due - time.monotonic()) > 0:
+                try:
+                    addr, args = c.recv(left)
+                except TimeoutError:
+                    break
+                if addr == "/soundctm/done":
+                    lat.append(float(args[1]))
+                elif addr == "/soundctm/fail":
+                    fails.append(args)
+        time.sleep(1.0)
+        s1 = c.status()
+        rss_end = _rss_kib(proc.pid)
+    warm = [p["rss_kib"] for p in series if p["t_s"] >= min(60.0, minutes * 30)] or [series[0]["rss_kib"]]
+    return {
+        "bench": "soak",
+        "minutes": minutes,
+        "rate_per_s": rate,
+        "samplerate": samplerate,
+        "blocksize": blocksize,
+        "lead_blocks": lead,
+        "bundle": str(bundle) if bundle else "default",
+        "jobs_sent": i,
+        "failures": len(fails),
+        "underruns": s1["underruns"] - s0["underruns"],
+        "starved_callbacks": s1["starved_callbacks"] - s0["starved_callbacks"],
+        "starved_frames": s1["starved_frames"] - s0["starved_frames"],
+        "voice_gaps": s1["voice_gaps"] - s0["voice_gaps"],
+        "latency_ms": percentiles(lat) if lat else None,
+        "rss_kib_first_warm": warm[0],
+        "rss_kib_end": rss_end,
+        "rss_growth_kib_after_warmup": rss_end - warm[0],
+        "series": series,
+        "machine": fingerprint(),
+    }
+
+
+def format_soak(r: dict[str, Any]) -> str:
+    lat = r["latency_ms"] or {}
+    return (
+        f"soak {r['minutes']} min at {r['rate_per_s']}/s ({r['jobs_sent']} jobs, {r['failures']} failed): "
+        f"underruns {r['underruns']}, starved callbacks {r['starved_callbacks']} ({r['starved_frames']} frames), "
+        f"voice gaps {r['voice_gaps']}; latency p50 {lat.get('p50', float('nan')):.2f} ms "
+        f"p99 {lat.get('p99', float('nan')):.2f} ms; RSS {r['rss_kib_first_warm']} -> {r['rss_kib_end']} KiB "
+        f"({r['rss_growth_kib_after_warmup']:+d} KiB after warm-up)"
+    )
+
+
+def soak(
+    minutes: float = typer.Option(10.0, min=0.05, help="How long."),
+    rate: float = typer.Option(2.0, min=0.1, max=200.0, help="Jobs per second (every 10th a 1-step generate)."),
+    bundle: Path | None = typer.Option(None, help="Bundle (default: the shipped model)."),
+    blocksize: int = typer.Option(256, min=16, max=8192, help="JACK period and daemon block, frames."),
+    samplerate: int = typer.Option(48000, min=8000, max=384000, help="Hz."),
+    lead: float = typer.Option(1.0, min=0.25, max=64.0, help="The daemon's --lead (blocks)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the report (with the time series) as JSON."),
+) -> None:
+    """Underruns, ring starvation and memory over time at R triggers per second."""
+    r = run_soak(bundle, minutes, rate, samplerate, blocksize, lead)
+    typer.echo(format_soak(r))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(r, indent=2) + "\n")

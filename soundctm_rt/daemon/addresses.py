@@ -1,0 +1,225 @@
+"""The OSC address space: one table, the single source of truth for the parser, the replies and docs/osc.md.
+
+`parse(address, args)` turns a decoded message into a `Request` (command name + validated values) or raises
+`Refusal(reason)`, which the server answers with `/soundctm/fail <command> <reason>`. Engine-specific limits
+(steps available, clip length) are checked afterwards by `Engine.check_params`.
+
+Argument rules, for patches written in Pd, Max and SuperCollider:
+- a number is accepted as int or float where an int is meant, if it is integral (Pd sends only floats);
+- a prompt may arrive as several string arguments (unquoted words in Pd/Max): every string argument, and any
+  number between two strings, joins the prompt with spaces ("gritty 808 snare" from Pd is s f s); the numbers
+  after the last string are the positional parameters. `/render` takes its last string as the file name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "/soundctm"
+MAX_PROMPT_CHARS = 512
+
+
+class Refusal(ValueError):
+    """A request the daemon refuses; the message is the reason sent in /fail."""
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    kind: str  # "int" | "float"
+    lo: float
+    hi: float
+    doc: str
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    signature: str  # as documented: positional arguments, [optional]
+    doc: str
+    reply: str
+    prompt: bool = False  # takes a (possibly split) prompt first
+    filename: bool = False  # the last string is a file name (render)
+    args: tuple[Arg, ...] = field(default_factory=tuple)
+
+    @property
+    def address(self) -> str:
+        return f"{PREFIX}/{self.name}"
+
+
+SEED = Arg("seed", "int", 0, 2**31 - 1, "noise seed; the same prompt, seed and parameters give the same sound")
+STEPS = Arg("steps", "int", 1, 64, "sampling steps (1 is fastest)")
+GAMMA = Arg("gamma", "float", 0.0, 1.0, "CTM gamma: 0 deterministic, 1 fully stochastic")
+CFG = Arg("cfg", "float", 0.0, 20.0, "guidance strength omega")
+DURATION = Arg("duration", "float", 0.01, 600.0, "seconds; at most the model's clip length")
+GAIN = Arg("gain", "float", 0.0, 4.0, "linear gain")
+PAN = Arg("pan", "float", -1.0, 1.0, "-1 left, 0 centre, 1 right (constant power)")
+TAKES = Arg("takes", "int", 1, 32, "how many takes (seeds 0..takes-1) to cache")
+VOICE = Arg("id", "int", 0, 2**31 - 1, "the id from /ack; omitted or 0: stop every voice")
+GEN_ARGS = (SEED, STEPS, GAMMA, CFG, DURATION, GAIN, PAN)
+
+# keys of /soundctm/set and their limits
+SET_KEYS: dict[str, Arg] = {a.name: a for a in (SEED, STEPS, GAMMA, CFG, DURATION, GAIN, PAN)}
+SET_KEYS["nu"] = Arg("nu", "float", 0.0, 20.0, "nu-guidance strength")
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command(
+            "generate",
+            "prompt [seed steps gamma cfg duration gain pan]",
+            "Generate and play. Streams: the first block plays before the clip is fully decoded.",
+            "/soundctm/ack id, then /soundctm/done id latency_ms rtf audio_seconds total_ms",
+            prompt=True,
+            args=GEN_ARGS,
+        ),
+        Command(
+            "preload",
+            "prompt [takes]",
+            "Generate takes (seeds 0..takes-1, current defaults) into the cache for /trigger.",
+            "/soundctm/ack id, then /soundctm/done id 0 rtf audio_seconds total_ms when cached",
+            prompt=True,
+            args=(TAKES,),
+        ),
+        Command(
+            "trigger",
+            "prompt [gain pan]",
+            "Play the next cached take of the prompt at once (round robin); generates one if none is cached.",
+            "/soundctm/ack id, then /soundctm/done id latency_ms 0 audio_seconds 0",
+            prompt=True,
+            args=(GAIN, PAN),
+        ),
+        Command("stop", "[id]", "Stop one voice (short fade) or all voices.", "/soundctm/ack id", args=(VOICE,)),
+        Command(
+            "set",
+            "key value",
+            "Set a default for later requests; keys: " + ", ".join(SET_KEYS) + ".",
+            "/soundctm/ack id",
+        ),
+        Command("status", "", "Report state and counters.", "/soundctm/status.reply key value key value ..."),
+        Command("ping", "", "Liveness check.", "/soundctm/pong"),
+        Command(
+            "render",
+            "prompt filename [seed steps gamma cfg duration]",
+            "Generate to a WAV file inside --render-dir (no audio device needed).",
+            "/soundctm/ack id, then /soundctm/done id 0 rtf audio_seconds total_ms path",
+            prompt=True,
+            filename=True,
+            args=(SEED, STEPS, GAMMA, CFG, DURATION),
+        ),
+    )
+}
+
+REPLIES = {
+    "ack": "/soundctm/ack id — the request was accepted; id names the job (and the voice, for /stop)",
+    "done": "/soundctm/done id latency_ms rtf audio_seconds total_ms [path] — latency_ms: OSC receipt to the "
+    "DAC time of the voice's first sample (0 for preload/render)",
+    "fail": "/soundctm/fail command reason [id] — refused or failed; id when the job had been acked",
+    "status.reply": "/soundctm/status.reply key value ... — see docs/osc.md",
+    "pong": "/soundctm/pong",
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    command: str
+    values: dict[str, Any]
+
+
+def _number(a: Any, spec: Arg) -> int | float:
+    if isinstance(a, bool) or not isinstance(a, (int, float)):
+        raise Refusal(f"{spec.name} must be a number, not {type(a).__name__}")
+    x = float(a)
+    if not math.isfinite(x):
+        raise Refusal(f"{spec.name} must be finite, not {x}")
+    if spec.kind == "int":
+        if x != int(x):
+            raise Refusal(f"{spec.name} must be a whole number, not {x}")
+        v: int | float = int(x)
+    else:
+        v = x
+    if not spec.lo <= v <= spec.hi:
+        raise Refusal(f"{spec.name} {v} out of range [{spec.lo:g}, {spec.hi:g}]")
+    return v
+
+
+def _word(a: Any) -> str:
+    if isinstance(a, float) and math.isfinite(a) and a == int(a):
+        return str(int(a))
+    return str(a)
+
+
+def _split_prompt(args: tuple[Any, ...]) -> tuple[list[str], tuple[Any, ...]]:
+    """(words, trailing numbers): strings and numbers between strings are words."""
+    last = max((i for i, a in enumerate(args) if isinstance(a, str)), default=-1)
+    words = [_word(a) for a in args[: last + 1]]
+    for a in args[: last + 1]:
+        if not isinstance(a, (str, int, float)) or isinstance(a, bool):
+            raise Refusal(f"prompt words must be strings or numbers, not {type(a).__name__}")
+    return words, args[last + 1 :]
+
+
+def _clean_prompt(words: list[str]) -> str:
+    prompt = " ".join(w.strip() for w in words if w.strip())
+    if not prompt:
+        raise Refusal("prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise Refusal(f"prompt too long ({len(prompt)} > {MAX_PROMPT_CHARS} characters)")
+    if any(ord(ch) < 32 for ch in prompt):
+        raise Refusal("prompt contains control characters")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refusal("prompt is not valid text") from None
+    return prompt
+
+
+def parse(address: str, args: tuple[Any, ...]) -> Request:
+    """Validate a decoded message against the table. Raises Refusal with the reason."""
+    if not address.startswith(PREFIX + "/"):
+        raise Refusal(f"unknown address {address[:80]}")
+    name = address[len(PREFIX) + 1 :]
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        raise Refusal(f"unknown address {address[:80]}")
+    values: dict[str, Any] = {}
+    rest = args
+    if cmd.prompt:
+        words, rest = _split_prompt(args)
+        if cmd.filename:
+            if len(words) < 2:
+                raise Refusal("render needs a prompt and a file name")
+            values["filename"] = words.pop()
+        values["prompt"] = _clean_prompt(words)
+    elif cmd.name == "set":
+        if len(args) != 2 or not isinstance(args[0], str):
+            raise Refusal("set needs a key and a value")
+        spec = SET_KEYS.get(args[0])
+        if spec is None:
+            raise Refusal(f"unknown key {args[0][:40]!r}; keys: {', '.join(SET_KEYS)}")
+        return Request("set", {"key": args[0], "value": _number(args[1], spec)})
+    if len(rest) > len(cmd.args):
+        raise Refusal(f"too many arguments ({len(rest)} > {len(cmd.args)}): {cmd.signature}")
+    for a, spec in zip(rest, cmd.args, strict=False):
+        values[spec.name] = _number(a, spec)
+    return Request(cmd.name, values)
+
+
+def markdown() -> str:
+    """The address table as Markdown (docs/osc.md embeds it; a test keeps them equal)."""
+    lines = ["| address | arguments | what it does | replies |", "|---|---|---|---|"]
+    for c in COMMANDS.values():
+        lines.append(f"| `{c.address}` | `{c.signature}` | {c.doc} | `{c.reply}` |")
+    lines += ["", "| argument | type | range | meaning |", "|---|---|---|---|"]
+    seen: set[str] = set()
+    for c in COMMANDS.values():
+        for a in c.args:
+            if a.name not in seen:
+                seen.add(a.name)
+                lines.append(f"| `{a.name}` | {a.kind} | {a.lo:g} .. {a.hi:g} | {a.doc} |")
+    nu = SET_KEYS["nu"]
+    lines.append(f"| `nu` (set only) | {nu.kind} | {nu.lo:g} .. {nu.hi:g} | {nu.doc} |")
+    lines += ["", "Replies:", ""] + [f"- `{r}`" for r in REPLIES.values()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,134 @@
+"""A JACK2 dummy server as a real audio clock without a sound card (tests and `bench latency/soak`).
+
+`jackd -S -d dummy -r RATE -p PERIOD -w USECS`: synchronous mode (-S) so PortAudio's DAC time is one period
+ahead, not two; `-w` must equal the period in microseconds, or the dummy driver sleeps its default 21.3 ms per
+cycle and the "clock" runs slow. A named server (-n) keeps several runs apart; clients find it through
+JACK_DEFAULT_SERVER. JACK_NO_AUDIO_RESERVATION=1 skips the D-Bus device reservation (no session bus here).
+Start jackd before the process that imports sounddevice; stop that process (PortAudio terminated) first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+class JackError(RuntimeError):
+    pass
+
+
+def jack_available() -> str | None:
+    """None if jackd and jack_wait are installed, else what is missing."""
+    missing = [t for t in ("jackd", "jack_wait") if shutil.which(t) is None]
+    return None if not missing else f"{', '.join(missing)} not installed (apt-get install jackd2)"
+
+
+class JackDummy:
+    """Start a named jackd dummy server; stop it by its PID.
+
+    Args:
+        rate: sample rate, Hz.
+        period: frames per cycle.
+        name: server name (clients: JACK_DEFAULT_SERVER=name).
+        realtime: -R (SCHED_FIFO when permitted) or -r (no realtime scheduling).
+        log_path: where jackd's output goes.
+    """
+
+    def __init__(
+        self,
+        rate: int = 48000,
+        period: int = 256,
+        name: str | None = None,
+        realtime: bool = True,
+        log_path: Path | None = None,
+    ) -> None:
+        self.rate = rate
+        self.period = period
+        self.name = name or f"soundctm{os.getpid()}"
+        self.realtime = realtime
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        """Environment for a client process of this server."""
+        return {
+            **os.environ,
+            "JACK_DEFAULT_SERVER": self.name,
+            "JACK_NO_AUDIO_RESERVATION": "1",
+            "JACK_NO_START_SERVER": "1",
+        }
+
+    def start(self, timeout: float = 10.0) -> JackDummy:
+        usecs = round(self.period / self.rate * 1e6)
+        cmd = [
+            "jackd",
+            "-n",
+            self.name,
+            "-S",
+            "-R" if self.realtime else "-r",
+            "-d",
+            "dummy",
+            "-r",
+            str(self.rate),
+            "-p",
+            str(self.period),
+            "-w",
+            str(usecs),
+        ]
+        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env())
+        try:
+            subprocess.run(
+                ["jack_wait", "-w", "-s", self.name, "-t", str(int(timeout))],
+                env=self.env(),
+                check=True,
+                capture_output=True,
+                timeout=timeout + 2,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            self.stop()
+            raise JackError(f"jackd did not start: {' '.join(cmd)}") from e
+        if self.proc.poll() is not None:
+            raise JackError(f"jackd exited with {self.proc.returncode}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def __enter__(self) -> JackDummy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float) -> str:
+    """Read the process's stdout until a line containing `text`; returns that line. Raises TimeoutError."""
+    import selectors
+
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return line
+    raise TimeoutError(f"no {text!r} from {proc.args!r} within {timeout} s; got: {''.join(seen)[-2000:]}")

@@ -1,0 +1,265 @@
+"""The worker thread: the only user of the Engine. Takes jobs from the bounded queue, generates (streaming into
+a voice when audio plays), fills the take cache, renders files, and reports through the `Replies` callbacks.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .mixer import Mixer, StreamResampler, Voice, resample
+
+log = logging.getLogger(__name__)
+
+Reply = Callable[..., None]  # reply(client, address, *args)
+
+
+@dataclass
+class Job:
+    """A request accepted by the OSC thread (already validated)."""
+
+    id: int
+    command: str  # generate | preload | trigger | render
+    t_receipt: float  # time.perf_counter() at receipt
+    client: tuple[str, int]
+    prompt: str
+    params: dict[str, Any] = field(default_factory=dict)  # engine params: seed steps gamma omega nu duration
+    gain: float = 1.0
+    pan: float = 0.0
+    takes: int = 1
+    path: Path | None = None  # render target, already checked to lie inside --render-dir
+    cancelled: bool = False
+    # completion: /done needs both the first-sample latency (mixer) and the timing (worker)
+    latency_ms: float | None = None
+    timing: dict[str, Any] | None = None
+    finished: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+class TakeCache:
+    """Cached takes per prompt at the device rate (mono float32), bounded in bytes, least recently used out."""
+
+    def __init__(self, max_bytes: int = 512 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._takes: collections.OrderedDict[str, list[np.ndarray]] = collections.OrderedDict()
+        self._next: dict[str, int] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, prompt: str, take: np.ndarray) -> None:
+        with self._lock:
+            self._takes.setdefault(prompt, []).append(take)
+            self._takes.move_to_end(prompt)
+            self._bytes += take.nbytes
+            while self._bytes > self.max_bytes and len(self._takes) > 1:
+                old, takes = self._takes.popitem(last=False)
+                self._next.pop(old, None)
+                self._bytes -= sum(t.nbytes for t in takes)
+
+    def next(self, prompt: str) -> np.ndarray | None:
+        """The next take of a prompt, round robin; None if none is cached."""
+        with self._lock:
+            takes = self._takes.get(prompt)
+            if not takes:
+                return None
+            i = self._next.get(prompt, 0) % len(takes)
+            self._next[prompt] = i + 1
+            self._takes.move_to_end(prompt)
+            return takes[i]
+
+    def stats(self) -> tuple[int, int, int]:
+        """(prompts, takes, bytes)."""
+        with self._lock:
+            return len(self._takes), sum(len(t) for t in self._takes.values()), self._bytes
+
+
+class Worker:
+    """Runs jobs on the engine, one at a time, in order.
+
+    Args:
+        engine: a soundctm_rt.engine.Engine (used from this thread only).
+        jobs: the bounded queue the OSC thread fills.
+        mixer: where voices go; None in no-audio mode (replies only).
+        device_rate: the output's sample rate (Hz).
+        cache: the take cache.
+        reply: reply(client, address, *args) sends an OSC reply.
+    """
+
+    def __init__(
+        self, engine: Any, jobs: queue.Queue[Job], mixer: Mixer | None, device_rate: int, cache: TakeCache, reply: Reply
+    ) -> None:
+        self.engine = engine
+        self.jobs = jobs
+        self.mixer = mixer
+        self.device_rate = device_rate
+        self.cache = cache
+        self.reply = reply
+        self.current: Job | None = None
+        self.completed = 0
+        self.failed = 0
+        self.latencies: collections.deque[float] = collections.deque(maxlen=1000)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- replies ---
+    def fail(self, job: Job, reason: str) -> None:
+        self.failed += 1
+        self.reply(job.client, "/soundctm/fail", job.command, reason, job.id)
+
+    def _finish(self, job: Job) -> None:
+        """Send /done once both halves are known (called from the worker and from the mixer thread)."""
+        with job.lock:
+            if job.finished or job.timing is None or job.latency_ms is None:
+                return
+            job.finished = True
+        t = job.timing
+        args: list[Any] = [
+            job.id,
+            float(job.latency_ms),
+            float(t.get("rtf", 0.0)),
+            float(t.get("audio_seconds", 0.0)),
+            float(t.get("total_ms", 0.0)),
+        ]
+        if job.path is not None:
+            args.append(str(job.path))
+        if job.latency_ms > 0:
+            self.latencies.append(job.latency_ms)
+        self.completed += 1
+        self.reply(job.client, "/soundctm/done", *args)
+
+    def on_started(self, voice: Voice, latency_ms: float) -> None:
+        """Mixer callback: the voice's first sample reached the DAC at receipt + latency_ms."""
+        job = getattr(voice, "job", None)
+        if job is None:
+            return
+        job.latency_ms = latency_ms
+        self._finish(job)
+
+    def play_take(self, job: Job, take: np.ndarray) -> None:
+        """Start a cached take (called from the OSC thread for cache hits: it does not wait behind the queue)."""
+        if self.mixer is None:
+            job.latency_ms = (time.perf_counter() - job.t_receipt) * 1e3
+        else:
+            v = Voice(job.id, job.t_receipt, job.gain, job.pan)
+            v.job = job  # type: ignore[attr-defined]
+            v.push(take)
+            v.close()
+            self.mixer.add(v)
+        job.timing = {"rtf": 0.0, "audio_seconds": len(take) / self.device_rate, "total_ms": 0.0}
+        self._finish(job)
+
+    # --- jobs ---
+    def _stream_into_voice(self, job: Job) -> np.ndarray:
+        """Generate with the streaming decoder; play as chunks arrive (when audio runs). Returns the full take."""
+        eng = self.engine
+        rs = StreamResampler(eng.sample_rate, self.device_rate)
+        voice: Voice | None = None
+        parts: list[np.ndarray] = []
+
+        def should_stop() -> bool:
+            return job.cancelled or (voice is not None and voice.stopped)
+
+        for chunk in eng.stream(job.prompt, should_stop=should_stop, **job.params):
+            y = rs.push(chunk)
+            parts.append(y)
+            if self.mixer is None:
+                if job.latency_ms is None:
+                    job.latency_ms = (time.perf_counter() - job.t_receipt) * 1e3
+                continue
+            if voice is None:
+                voice = Voice(job.id, job.t_receipt, job.gain, job.pan)
+                voice.job = job  # type: ignore[attr-defined]
+                voice.push(y)
+                self.mixer.add(voice)
+            else:
+                voice.push(y)
+        tail = rs.flush()
+        parts.append(tail)
+        if voice is not None:
+            voice.push(tail)
+            voice.close()
+        if job.cancelled or (voice is not None and voice.stopped) or eng.last_timing is None:
+            raise _Stopped
+        return np.concatenate(parts)
+
+    def _run_job(self, job: Job) -> None:
+        eng = self.engine
+        if job.command in ("generate", "trigger"):
+            take = self._stream_into_voice(job)
+            if job.command == "trigger":
+                self.cache.add(job.prompt, take)
+            job.timing = eng.last_timing.to_dict()
+            if job.latency_ms is None and self.mixer is not None and not take.size:
+                job.latency_ms = 0.0
+            self._finish(job)
+        elif job.command == "preload":
+            total = 0.0
+            seconds = 0.0
+            for seed in range(job.takes):
+                if job.cancelled:
+                    raise _Stopped
+                audio, timing = eng.generate(job.prompt, **{**job.params, "seed": seed})
+                self.cache.add(job.prompt, resample(audio, eng.sample_rate, self.device_rate))
+                total += timing.total_ms
+                seconds += timing.audio_seconds
+            job.latency_ms = 0.0
+            job.timing = {"rtf": total / 1e3 / max(seconds, 1e-9), "audio_seconds": seconds, "total_ms": total}
+            self._finish(job)
+        elif job.command == "render":
+            import soundfile as sf
+
+            audio, timing = eng.generate(job.prompt, **job.params)
+            assert job.path is not None
+            job.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = job.path.with_name(f".{job.path.name}.{os.getpid()}.tmp")
+            sf.write(str(tmp), audio, eng.sample_rate, subtype="FLOAT", format="WAV")
+            os.replace(tmp, job.path)
+            job.latency_ms = 0.0
+            job.timing = timing.to_dict()
+            self._finish(job)
+        else:  # the OSC thread only enqueues the commands above
+            raise ValueError(f"unknown job {job.command}")
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.current = job
+            try:
+                if job.cancelled:
+                    raise _Stopped
+                self._run_job(job)
+            except _Stopped:
+                self.fail(job, "stopped")
+            except Exception as e:  # the engine refused or broke: tell the client, keep serving
+                log.exception("job %d (%s) failed", job.id, job.command)
+                self.fail(job, f"{type(e).__name__}: {e}"[:200])
+            finally:
+                self.current = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="soundctm-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        if self.current is not None:
+            self.current.cancelled = True
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+
+class _Stopped(Exception):
+    """The job was cancelled by /stop."""

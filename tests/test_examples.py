@@ -1,0 +1,189 @@
+"""The shipped client examples against a live daemon: liblo's oscsend/oscdump, the Pure Data patch run headless,
+the SuperCollider script run by sclang, and the messages of the Max patch (Max itself does not run here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from soundctm_rt.daemon.client import OscClient
+from soundctm_rt.daemon.jack import wait_for_line
+
+pytestmark = pytest.mark.realtime
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _need(tool: str, package: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed (apt-get install {package})")
+
+
+@pytest.fixture(scope="module")
+def live(tiny_bundle):
+    """A --no-audio daemon that also sends every reply to a fixed reply port (like Max's setup)."""
+    reply_port = _free_port()
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "soundctm_rt",
+            "serve",
+            "--bundle",
+            str(tiny_bundle),
+            "--port",
+            "0",
+            "--no-audio",
+            "--reply-port",
+            str(reply_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = wait_for_line(p, "listening on", 120)
+        yield int(line.strip().rsplit(":", 1)[1]), reply_port
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _read_until(proc: subprocess.Popen, needle: str, timeout: float) -> str:
+    try:
+        return wait_for_line(proc, needle, timeout)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+def test_oscsend_and_oscdump(live) -> None:
+    _need("oscsend", "liblo-tools")
+    port, reply_port = live
+    dump = subprocess.Popen(
+        ["oscdump", "-L", str(reply_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        time.sleep(0.3)
+        subprocess.run(["oscsend", "127.0.0.1", str(port), "/soundctm/ping"], check=True)
+        subprocess.run(
+            ["oscsend", "127.0.0.1", str(port), "/soundctm/generate", "sii", "gritty 808 snare", "7", "1"], check=True
+        )
+        subprocess.run(["oscsend", "127.0.0.1", str(port), "/soundctm/generate", "sf", "x", "nan"], check=True)
+        wait_for_line(dump, "/soundctm/pong", 10)
+        wait_for_line(dump, "/soundctm/ack", 10)
+        fail = wait_for_line(dump, "/soundctm/fail", 30)
+        assert "finite" in fail
+        done = wait_for_line(dump, "/soundctm/done", 30)
+        parts = done.split()
+        assert parts[parts.index("/soundctm/done") + 1] == "iffff", done
+    finally:
+        dump.terminate()
+        dump.wait(timeout=5)
+
+
+def test_pure_data_patch(live) -> None:
+    _need("pd", "puredata")
+    port, reply_port = live
+    # netsend's socket does not read replies: the patch listens on the daemon's --reply-port instead
+    pd = subprocess.Popen(
+        [
+            "pd",
+            "-nogui",
+            "-noaudio",
+            "-nomidi",
+            "-stderr",
+            "-open",
+            str(EXAMPLES / "soundctm.pd"),
+            "-send",
+            f"soundctm-connect connect localhost {port}",
+            "-send",
+            f"soundctm-listen listen {reply_port}",
+            "-send",
+            "soundctm ping",
+            "-send",
+            "soundctm generate gritty 808 snare 7 1",
+            "-send",
+            "soundctm generate bad -5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_line(pd, "soundctm-reply: soundctm pong", 20)
+        fail = wait_for_line(pd, "soundctm-reply: soundctm fail", 20)
+        assert "generate" in fail and "range" in fail
+        done = wait_for_line(pd, "soundctm-reply: soundctm done", 30)
+        assert float(done.split()[4]) > 0  # latency_ms
+    finally:
+        pd.terminate()
+        pd.wait(timeout=5)
+
+
+def test_supercollider_script(live) -> None:
+    _need("sclang", "supercollider-language")
+    port, _ = live
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "QTWEBENGINE_DISABLE_SANDBOX": "1"}
+    r = subprocess.run(
+        ["sclang", str(EXAMPLES / "soundctm.scd"), str(port)], capture_output=True, text=True, timeout=90, env=env
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "pong" in out and out.count("done id") >= 3 and "\nfail " not in out, out[-3000:]
+
+
+def _max_messages() -> list[list[object]]:
+    """The message boxes of the Max patch, typed as Max types them: int, float (with a dot), symbol."""
+    pat = json.loads((EXAMPLES / "soundctm.maxpat").read_text())
+    msgs = []
+    for b in pat["patcher"]["boxes"]:
+        box = b["box"]
+        if box["maxclass"] != "message":
+            continue
+        import shlex
+
+        atoms: list[object] = []
+        for tok in shlex.split(box["text"]):
+            try:
+                atoms.append(int(tok))
+            except ValueError:
+                try:
+                    atoms.append(float(tok))
+                except ValueError:
+                    atoms.append(tok)
+        msgs.append(atoms)
+    return msgs
+
+
+def test_max_patch_messages(live) -> None:
+    port, reply_port = live
+    msgs = _max_messages()
+    assert {m[0] for m in msgs} >= {"/soundctm/generate", "/soundctm/preload", "/soundctm/trigger", "/soundctm/stop"}
+    with OscClient(port) as c, OscClient(0, bind_port=reply_port) as replies:
+        for m in msgs:
+            c.send(str(m[0]), *m[1:])
+            # a refusal of the message itself is /fail with 2 arguments; /stop may end earlier jobs (3: with id)
+            addr, args = replies.expect(
+                ("/soundctm/ack", "/soundctm/pong", "/soundctm/status.reply", "/soundctm/fail"),
+                10,
+                match=lambda a: len(a) != 3 or a[1] != "stopped",
+            )
+            assert addr != "/soundctm/fail", (m, args)
