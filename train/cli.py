@@ -2,6 +2,227 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(help="Prepare data and train the VAE, the EDM teacher and the CTM student.", no_args_is_help=True)
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 3: data preparation, VAE and EDM teacher (train/data.py, train/vae_train.py, train/teacher_train.py).
+
+_CONFIG = typer.Option("cpu", "--config", "-c", help="config name (tiny, cpu, gpu) or path to a TOML file")
+_DATA = typer.Option(..., "--data", help="prepared dataset directory (`train prepare`)")
+_RUN = typer.Option(
+    ...,
+    "--run",
+    "--run-dir",
+    help="run directory (created; holds config, logs, checkpoints, samples). "
+    "Under torchrun write --run-dir: torchrun takes --run for an abbreviation of its --run-path",
+)
+_MAX_STEPS = typer.Option(None, "--max-steps", help="stop after this step (the lr schedule keeps the config's length)")
+_RESUME = typer.Option(False, "--resume", help="continue from the run directory's last checkpoint")
+_DRY = typer.Option(False, "--dry-run", help="print the resolved config and exit")
+_THREADS = typer.Option(None, "--threads", help="torch intra-op threads per process (default: torch's choice)")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+@app.command()
+def prepare(
+    audio: list[Path] = typer.Option(None, "--audio", help="folder of audio (repeatable; default: ../shared/data)"),
+    captions: list[Path] = typer.Option(
+        None,
+        "--captions",
+        help="CSV with path,caption for the --audio at the same position (omit for all: folder names give captions)",
+    ),
+    out: Path = typer.Option(..., "-o", "--out", help="dataset directory to write"),
+    config: str = _CONFIG,
+    dry_run: bool = _DRY,
+) -> None:
+    """Audio folders (+ captions) -> mono clips at the model rate and length, train/valid/test splits."""
+    from .data import DataConfig, Source, default_sources, prepare_dataset
+    from .loop import build_table
+    from .models.config import load_model_config, load_toml
+
+    _setup_logging()
+    cfg = load_model_config(config)
+    dcfg = build_table(DataConfig, load_toml(config).get("data", {}), "data")
+    if audio:
+        if captions and len(captions) != len(audio):
+            raise typer.BadParameter("give one --captions per --audio, or none")
+        sources = [Source(a, captions[i] if captions else None) for i, a in enumerate(audio)]
+    else:
+        sources = default_sources()
+    clip = cfg.dit.latent_frames * cfg.vae.latent_hop
+    if dry_run:
+        typer.echo(
+            json.dumps(
+                {
+                    "sources": [str(s) for s in sources],
+                    "sample_rate": cfg.vae.sample_rate,
+                    "clip_samples": clip,
+                    "data": dataclasses.asdict(dcfg),
+                },
+                indent=2,
+            )
+        )
+        return
+    rep = prepare_dataset(sources, out, cfg.vae.sample_rate, clip, cfg.vae.latent_hop, dcfg)
+    typer.echo(f"{out}: clips {rep.clips}, files {rep.files}, {len(rep.bad)} bad files (see bad_files.csv)")
+
+
+@app.command()
+def vae(
+    config: str = _CONFIG,
+    data: Path = _DATA,
+    run: Path = _RUN,
+    max_steps: int = _MAX_STEPS,
+    resume: bool = _RESUME,
+    dry_run: bool = _DRY,
+    threads: int = _THREADS,
+    steps: int = typer.Option(None, "--steps", help="override vae_train.steps"),
+    batch_size: int = typer.Option(None, "--batch-size", help="override vae_train.batch_size (global)"),
+) -> None:
+    """Train the 44.1 kHz VAE; at the end: latent cache, latent statistics, test-split report."""
+    from .vae_train import resolve, train_vae
+
+    if dry_run:
+        typer.echo(json.dumps(resolve(config, data, steps=steps, batch_size=batch_size)[2], indent=2))
+        return
+    train_vae(
+        config,
+        data,
+        run,
+        max_steps=max_steps,
+        resume=resume,
+        threads=threads,
+        steps=steps,
+        batch_size=batch_size,
+    )
+
+
+@app.command("vae-finalize")
+def vae_finalize(data: Path = _DATA, run: Path = _RUN, threads: int = _THREADS) -> None:
+    """(Re)compute a finished VAE run's latent cache, statistics and test report."""
+    import torch
+
+    from .data import ClipDataset
+    from .vae_train import finalize_vae
+
+    _setup_logging()
+    if threads:
+        torch.set_num_threads(threads)
+    finalize_vae(run, ClipDataset(data))
+
+
+@app.command()
+def teacher(
+    config: str = _CONFIG,
+    data: Path = _DATA,
+    vae_run: Path = typer.Option(..., "--vae", help="finished `train vae` run directory"),
+    run: Path = _RUN,
+    max_steps: int = _MAX_STEPS,
+    resume: bool = _RESUME,
+    dry_run: bool = _DRY,
+    threads: int = _THREADS,
+    steps: int = typer.Option(None, "--steps", help="override teacher_train.steps"),
+    batch_size: int = typer.Option(None, "--batch-size", help="override teacher_train.batch_size (global)"),
+) -> None:
+    """Train the EDM teacher over the VAE's cached, normalised latents (caches them first if needed)."""
+    from .teacher_train import resolve, train_teacher
+
+    if dry_run:
+        typer.echo(json.dumps(resolve(config, data, vae_run, steps=steps, batch_size=batch_size)[2], indent=2))
+        return
+    train_teacher(
+        config,
+        data,
+        vae_run,
+        run,
+        max_steps=max_steps,
+        resume=resume,
+        threads=threads,
+        steps=steps,
+        batch_size=batch_size,
+    )
+
+
+@app.command("prepare-latents")
+def prepare_latents(
+    data: Path = _DATA,
+    vae_run: Path = typer.Option(..., "--vae", help="finished `train vae` run directory"),
+    threads: int = _THREADS,
+) -> None:
+    """Encode every clip of a dataset once with a VAE (posterior means) into DATA/latents/<vae id>/."""
+    import torch
+
+    from .data import ClipDataset, cache_latents
+    from .vae_train import load_vae_run
+
+    _setup_logging()
+    if threads:
+        torch.set_num_threads(threads)
+    vae_model, _, vae_id = load_vae_run(vae_run)
+    typer.echo(str(cache_latents(ClipDataset(data), vae_model, vae_id)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 4: CTM distillation (train/distill_train.py, train/ctm.py).
+
+
+@app.command()
+def distill(
+    config: str = _CONFIG,
+    teacher_run: Path = typer.Option(..., "--teacher", help="finished `train teacher` run directory"),
+    data: Path = _DATA,
+    run: Path = _RUN,
+    max_steps: int = _MAX_STEPS,
+    resume: bool = _RESUME,
+    dry_run: bool = _DRY,
+    threads: int = _THREADS,
+    steps: int = typer.Option(None, "--steps", help="override [distill].steps"),
+    batch_size: int = typer.Option(None, "--batch-size", help="override [distill].batch_size (global)"),
+    distance: str = typer.Option(None, "--distance", help="override [distill].distance: teacher_features | l2"),
+    max_n: int = typer.Option(None, "--max-n", help="override [distill].max_n (0 = N-1)"),
+) -> None:
+    """Distil the teacher into a SoundCTM student (METHOD §3); ends with final/student_model.safetensors."""
+    from .distill_train import resolve, train_distill
+
+    over = {"steps": steps, "batch_size": batch_size, "distance": distance, "max_n": max_n}
+    if dry_run:
+        typer.echo(json.dumps(resolve(config, teacher_run, data, **over)[2], indent=2))
+        return
+    train_distill(config, teacher_run, data, run, max_steps=max_steps, resume=resume, threads=threads, **over)
+
+
+@app.command("distill-cost")
+def distill_cost(
+    config: str = _CONFIG,
+    batch_size: int = typer.Option(32, "--batch-size", help="clips per iteration"),
+    n: str = typer.Option("1,2,4,8", "--n", help="teacher solver step counts to time"),
+    repeats: int = typer.Option(2, "--repeats", help="timed iterations per n (after one warm-up)"),
+    threads: int = _THREADS,
+    json_out: Path = typer.Option(None, "--json", help="also write the records here"),
+) -> None:
+    """Seconds per part of one distillation iteration at a config's sizes (random weights)."""
+    import torch
+
+    from .distill_train import DistillConfig, measure_iteration
+    from .loop import build_table
+    from .models.config import load_model_config, load_toml
+
+    _setup_logging()
+    if threads:
+        torch.set_num_threads(threads)
+    dcfg = build_table(DistillConfig, load_toml(config).get("distill", {}), "distill")
+    recs = measure_iteration(load_model_config(config), dcfg, batch_size, [int(x) for x in n.split(",")], repeats)
+    text = json.dumps(recs, indent=1)
+    if json_out:
+        json_out.write_text(text)
+    typer.echo(text)

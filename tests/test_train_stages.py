@@ -1,0 +1,229 @@
+"""VAE and teacher stages, tiny config: loss falls, outputs exist, resume is exact, 2-process DDP matches.
+
+All runs use one torch thread (the CI machine has 2 cores) and the fixture corpus of test_train_data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from soundctm_rt.train.data import prepare_dataset
+from test_train_data import build_corpus
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in _log(run) if "loss" in r]
+
+
+def _ckpt(run: Path) -> dict:
+    return torch.load(run / "ckpt" / "last.pt", map_location="cpu", weights_only=False)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        if a[part] is None:
+            assert b[part] is None
+            continue
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k} differs after resume"
+    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values(), strict=True):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from soundctm_rt.train.data import DataConfig
+
+    root = tmp_path_factory.mktemp("stages")
+    sources, _ = build_corpus(root)
+    out = root / "dataset"
+    prepare_dataset(sources, out, 44100, 16 * 1024, 1024, DataConfig(max_crops=2), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vae_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from soundctm_rt.train.vae_train import train_vae
+
+    run = tmp_path_factory.mktemp("vae") / "run"
+    torch.set_num_threads(1)
+    return train_vae("tiny", dataset, run, threads=1, steps=12)
+
+
+def test_vae_trains_and_finalises(vae_run: Path, dataset: Path) -> None:
+    losses = _losses(vae_run)
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    valid = [r for r in _log(vae_run) if "valid_mel_l1" in r]
+    assert [r["step"] for r in valid] == [6, 12] and all(np.isfinite(r["valid_si_sdr_db"]) for r in valid)
+    assert len(list((vae_run / "samples" / "vae_0000012").glob("*.wav"))) == 4
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    cfg = json.loads((vae_run / "config.json").read_text())
+    assert cfg["vae_train"]["steps"] == 12 and cfg["model"]["name"] == "tiny"
+    from safetensors.torch import load_file
+
+    fp16 = load_file(str(vae_run / "final" / "vae_fp16.safetensors"))
+    assert all(v.dtype == torch.float16 for v in fp16.values() if v.is_floating_point())
+    stats = load_file(str(vae_run / "final" / "latent_stats.safetensors"))
+    assert stats["latent_mean"].shape == (8,) and torch.all(stats["latent_std"] > 0)
+    # the statistics are those of the cached training latents
+    from soundctm_rt.train.data import ClipDataset
+
+    ds = ClipDataset(dataset)
+    vae_id = json.loads((vae_run / "final" / "latent_stats.json").read_text())["vae_id"]
+    lat = np.load(dataset / "latents" / vae_id / "latents.npy")
+    assert lat.shape == (len(ds), 8, 16)
+    np.testing.assert_allclose(
+        lat[ds.indices("train")].mean(axis=(0, 2)), stats["latent_mean"].numpy(), rtol=1e-4, atol=1e-5
+    )
+    rep = json.loads((vae_run / "report" / "test_metrics.json").read_text())
+    assert rep["clips"] == len(ds.indices("test"))
+    for method in ("vae", "baseline_mel128_griffin_lim32", "baseline_mel_pca4_griffin_lim32"):  # tiny: 8 ch
+        for key in ("mr_stft", "mel_l1", "si_sdr_db", "mr_stft_sounding", "mel_l1_sounding"):
+            assert np.isfinite(rep[method][key]), (method, key)
+    # more principal components keep more of the mel spectrogram
+    assert rep["baseline_mel128_griffin_lim32"]["mel_l1"] < rep["baseline_mel_pca4_griffin_lim32"]["mel_l1"]
+    assert (vae_run / "report" / "test_spectrograms.png").stat().st_size > 10_000
+
+
+def test_vae_resume_is_exact(dataset: Path, tmp_path: Path) -> None:
+    from soundctm_rt.train.vae_train import train_vae
+
+    full = train_vae("tiny", dataset, tmp_path / "full", threads=1, finalize=False)
+    part = train_vae("tiny", dataset, tmp_path / "part", max_steps=3, threads=1, finalize=False)
+    with pytest.raises(FileExistsError):
+        train_vae("tiny", dataset, part, threads=1, finalize=False)  # a checkpoint exists: needs --resume
+    train_vae("tiny", dataset, part, resume=True, threads=1, finalize=False)
+    _assert_same_state(_ckpt(full), _ckpt(part))
+    assert _losses(full) == _losses(part)
+
+
+def test_teacher_trains_samples_and_resumes(dataset: Path, vae_run: Path, tmp_path: Path) -> None:
+    from soundctm_rt.train.checkpoint import load_model_checkpoint
+    from soundctm_rt.train.teacher_train import train_teacher
+
+    run = train_teacher("tiny", dataset, vae_run, tmp_path / "long", threads=1, steps=40, batch_size=8, ckpt_every=40)
+    losses = _losses(run)
+    assert len(losses) == 40 and all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert [r["step"] for r in _log(run) if np.isfinite(r.get("valid_loss", np.nan))] == [40]
+    samples = run / "samples" / "teacher_0000040"
+    assert (samples / "spectrograms.png").is_file() and len(list(samples.glob("*.wav"))) == 2
+    src = load_model_checkpoint(run / "final" / "teacher_model.safetensors")
+    assert src.provenance["stage"] == "teacher" and src.latent_std.shape == (8,)
+    assert (run / "final" / "teacher_ema_fp16.safetensors").is_file()
+
+    full = train_teacher("tiny", dataset, vae_run, tmp_path / "full", threads=1)
+    part = train_teacher("tiny", dataset, vae_run, tmp_path / "part", max_steps=3, threads=1)
+    train_teacher("tiny", dataset, vae_run, part, resume=True, threads=1)
+    _assert_same_state(_ckpt(full), _ckpt(part))
+    assert _losses(full) == _losses(part)
+
+
+def test_dry_run_prints_config_and_writes_nothing(dataset: Path, tmp_path: Path) -> None:
+    from soundctm_rt.train.cli import app
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "vae",
+            "-c",
+            "tiny",
+            "--data",
+            str(dataset),
+            "--run",
+            str(tmp_path / "r"),
+            "--steps",
+            "9",
+            "--dry-run",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["vae_train"]["steps"] == 9
+    assert not (tmp_path / "r").exists()
+
+
+def test_two_process_gloo_ddp_matches_one_process(dataset: Path, vae_run: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes: the same global batches and noise as 1 process, so the same losses."""
+    from soundctm_rt.train.teacher_train import train_teacher
+
+    single = train_teacher("tiny", dataset, vae_run, tmp_path / "single", max_steps=3, threads=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "soundctm_rt.train",
+        "teacher",
+        "-c",
+        "tiny",
+        "--data",
+        str(dataset),
+        "--vae",
+        str(vae_run),
+        "--run-dir",
+        str(tmp_path / "ddp"),
+        "--max-steps",
+        "3",
+        "--threads",
+        "1",
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    np.testing.assert_allclose(_losses(tmp_path / "ddp"), _losses(single), rtol=1e-4)
+    a, b = _ckpt(single), _ckpt(tmp_path / "ddp")
+    assert b["world"] == 2
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=5e-5 * 3)  # Adam: ≤ lr-sized steps apart
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(dataset: Path, vae_run: Path, tmp_path: Path) -> None:
+    """SIGKILL a teacher run after a checkpoint, resume it: same weights, optimiser state and losses."""
+    import signal
+    import time
+
+    from soundctm_rt.train.teacher_train import train_teacher
+
+    kw = {"steps": 300, "batch_size": 4, "ckpt_every": 5, "sample_every": 10_000}
+    killed = tmp_path / "killed"
+    code = (
+        "from soundctm_rt.train.teacher_train import train_teacher\n"
+        f"train_teacher('tiny', {str(dataset)!r}, {str(vae_run)!r}, {str(killed)!r}, threads=1, **{kw!r})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            log = killed / "log.jsonl"  # lines may be half-written here: count them, do not parse
+            if (killed / "ckpt" / "last.pt").is_file() and log.is_file() and log.read_text().count("\n") >= 12:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert 0 < _ckpt(killed)["step"] < 300
+    train_teacher("tiny", dataset, vae_run, killed, resume=True, threads=1, **kw)
+    full = train_teacher("tiny", dataset, vae_run, tmp_path / "full", threads=1, **kw)
+    _assert_same_state(_ckpt(full), _ckpt(killed))
+    assert [r["step"] for r in _log(killed) if "loss" in r] == list(range(1, 301))
+    assert _losses(full) == _losses(killed)

@@ -1,0 +1,371 @@
+"""Data preparation and loading: audio folders + captions -> fixed-length 44.1 kHz mono clips with splits.
+
+`prepare_dataset` reads one or more sources (a folder of audio, optionally a CSV with `path` and `caption`
+columns; without a CSV the folder names give the captions), converts every file to mono at the model rate
+(scipy's polyphase resampler), cuts it to the clip length of the architecture (dit.latent_frames frames)
+and writes a dataset directory:
+
+    dataset.json     sample rate, clip length, split counts, the split rules, the sources and the bad files
+    clips.csv        one row per clip: index, split, caption, source file, corpus, group, offset, n_valid
+    audio.npy        int16 [n_clips, clip_samples] (memory-mapped when read)
+    latents/<id>/    VAE latent cache (written once per VAE by `cache_latents`)
+
+Split rules, chosen from the CSV's columns so that declared test sets never reach training:
+  * a `split` column: used as given (train / valid / test);
+  * a `machine` column (drum-machines): machines in `test_machines` -> test, `valid_machines` -> valid;
+  * a `fold` column (ESC-10): folds in `test_folds` -> test, `valid_folds` -> valid;
+  * otherwise the top-level folder is the group and a stable hash of it picks ~5% valid, ~5% test.
+Splitting by group (machine, fold, folder) keeps near-duplicates of one recording in one split.
+
+Files longer than a clip give their loudest window; training files give up to `max_crops` non-overlapping
+windows (loudest first, each within 10 dB of the loudest) so long field recordings are not wasted.
+Unreadable, silent, too short or implausibly low-rate files are reported (dataset.json, bad_files.csv) and
+skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The [data] table: split rules and clip selection (see the module docstring)."""
+
+    test_machines: tuple[str, ...] = (
+        "RolandTR909",
+        "LinnDrum",
+        "KorgMinipops",
+        "YamahaRX5",
+        "EmuDrumulator",
+        "RolandCompurhythm78",
+    )  # declared by ../shared/data/README.md: never train on them
+    valid_machines: tuple[str, ...] = ("RolandTR626", "KorgT3", "AkaiMPC60", "RolandD110", "BossDR55")
+    test_folds: tuple[int, ...] = (1,)  # ESC-10 fold 1 is the declared test split
+    valid_folds: tuple[int, ...] = (5,)
+    hash_valid_fraction: float = 0.05  # for sources with neither split, machine nor fold columns
+    hash_test_fraction: float = 0.05
+    max_crops: int = 3  # windows taken from one long training file
+    crop_min_ratio: float = 0.1  # extra crops need >= this fraction of the loudest window's energy (-10 dB)
+    silence_peak: float = 1e-4  # files whose peak is below this (-80 dBFS) are "silent" and skipped
+    min_rate: int = 8000  # files below this sample rate are rejected rather than upsampled
+    min_seconds: float = 0.01  # shorter files are rejected
+
+    def __post_init__(self) -> None:
+        overlap = set(self.test_machines) & set(self.valid_machines)
+        if overlap:
+            raise ValueError(f"[data] machines both valid and test: {sorted(overlap)}")
+        if set(self.test_folds) & set(self.valid_folds):
+            raise ValueError("[data] a fold cannot be both valid and test")
+        if not (
+            self.hash_valid_fraction >= 0
+            and self.hash_test_fraction >= 0
+            and self.hash_valid_fraction + self.hash_test_fraction < 1
+        ):
+            raise ValueError("[data] hash fractions must be >= 0 and sum to < 1")
+        if self.max_crops < 1:
+            raise ValueError("[data] max_crops must be >= 1")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input corpus: a folder of audio and an optional CSV (path relative to the folder, caption)."""
+
+    audio: Path
+    captions: Path | None = None
+
+
+@dataclass
+class FileEntry:
+    path: Path
+    rel: str
+    caption: str
+    corpus: str
+    group: str
+    split: str
+
+
+@dataclass
+class PrepareReport:
+    """What `prepare_dataset` did: clip counts per split and the skipped files with reasons."""
+
+    out: Path
+    clips: dict[str, int] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
+    bad: list[tuple[str, str]] = field(default_factory=list)
+
+
+def default_sources(root: Path = DEFAULT_DATA_ROOT) -> list[Source]:
+    """Both corpora of ../shared/data (drum-machines and ESC-10), read in place."""
+    out = [Source(root / name, root / name / "metadata.csv") for name in ("drum-machines", "esc10")]
+    missing = [str(s.audio) for s in out if not s.captions or not s.captions.is_file()]
+    if missing:
+        raise FileNotFoundError(f"default corpus not found: {missing}; pass --audio DIR [--captions CSV]")
+    return out
+
+
+def _hash_unit(text: str) -> float:
+    """A stable number in [0, 1) from a string (independent of PYTHONHASHSEED)."""
+    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16) / float(1 << 48)
+
+
+def _split_of(row: dict[str, str], group_default: str, cfg: DataConfig) -> tuple[str, str]:
+    """(split, group) of a CSV row by the rules of the module docstring."""
+    if row.get("split"):
+        split = row["split"].strip().lower()
+        if split not in SPLITS:
+            raise ValueError(f"split column value {row['split']!r} is not one of {SPLITS}")
+        return split, row.get("group") or group_default
+    if row.get("machine"):
+        m = row["machine"].strip()
+        return ("test" if m in cfg.test_machines else "valid" if m in cfg.valid_machines else "train"), m
+    if row.get("fold"):
+        f = int(row["fold"])
+        return ("test" if f in cfg.test_folds else "valid" if f in cfg.valid_folds else "train"), f"fold{f}"
+    u = _hash_unit(group_default)
+    split = (
+        "test"
+        if u < cfg.hash_test_fraction
+        else ("valid" if u < cfg.hash_test_fraction + cfg.hash_valid_fraction else "train")
+    )
+    return split, group_default
+
+
+def list_files(src: Source, cfg: DataConfig) -> list[FileEntry]:
+    """The files of a source with caption, group and split (CSV rows, or every audio file in the folder)."""
+    corpus = src.audio.name
+    entries: list[FileEntry] = []
+    if src.captions is not None:
+        with open(src.captions, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            cols = set(reader.fieldnames or [])
+            if not {"path", "caption"} <= cols:
+                raise ValueError(f"{src.captions}: needs columns 'path' and 'caption' (has {sorted(cols)})")
+            for row in reader:
+                rel = row["path"].strip()
+                top = rel.split("/")[0] if "/" in rel else corpus
+                split, group = _split_of(row, top, cfg)
+                entries.append(FileEntry(src.audio / rel, rel, row["caption"].strip(), corpus, group, split))
+    else:
+        for p in sorted(src.audio.rglob("*")):
+            if p.suffix.lower() not in AUDIO_EXTENSIONS or not p.is_file():
+                continue
+            rel = p.relative_to(src.audio).as_posix()
+            parts = rel.split("/")[:-1]
+            caption = " ".join(parts).replace("_", " ").replace("-", " ").strip() or corpus
+            split, group = _split_of({}, parts[0] if parts else corpus, cfg)
+            entries.append(FileEntry(p, rel, caption, corpus, group, split))
+    return entries
+
+
+def load_audio(path: Path, sample_rate: int, cfg: DataConfig) -> np.ndarray:
+    """Read a file as float32 mono at `sample_rate` [N] in [-1, 1]. Raises ValueError (the reason) if bad."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types for broken files
+        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from e
+    if sr < cfg.min_rate:
+        raise ValueError(f"sample rate {sr} Hz below {cfg.min_rate} Hz")
+    x = data.mean(axis=1)
+    if x.size < cfg.min_seconds * sr:
+        raise ValueError(f"too short ({x.size} samples)")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("non-finite samples")
+    if sr != sample_rate:
+        g = math.gcd(sr, sample_rate)
+        x = resample_poly(x.astype(np.float64), sample_rate // g, sr // g).astype(np.float32)
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    if peak < cfg.silence_peak:
+        raise ValueError(f"silent (peak {peak:.2e})")
+    if peak > 1.0:  # resampling overshoot or float files: keep the clip undistorted
+        x = x / peak
+    return x
+
+
+def choose_crops(x: np.ndarray, clip: int, hop: int, max_crops: int, min_ratio: float) -> list[int]:
+    """Start offsets of up to max_crops non-overlapping clip-long windows of x, loudest first.
+
+    Candidates lie on a grid of `hop` samples (plus the last possible start). A file no longer than a clip
+    gives [0] (it is zero-padded at the end).
+    """
+    n = x.size
+    if n <= clip:
+        return [0]
+    starts = np.unique(np.append(np.arange(0, n - clip + 1, hop), n - clip))
+    c = np.concatenate([[0.0], np.cumsum(x.astype(np.float64) ** 2)])
+    energy = c[starts + clip] - c[starts]
+    order = np.argsort(-energy, kind="stable")
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) == max_crops or energy[i] < min_ratio * energy[order[0]]:
+            break
+        s = int(starts[i])
+        if all(abs(s - o) >= clip for o in chosen):
+            chosen.append(s)
+    return chosen
+
+
+def prepare_dataset(
+    sources: list[Source],
+    out: Path,
+    sample_rate: int,
+    clip_samples: int,
+    hop: int,
+    cfg: DataConfig,
+    progress: bool = True,
+) -> PrepareReport:
+    """Build a dataset directory (module docstring). `clip_samples` = dit.latent_frames · vae.latent_hop."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [e for s in sources for e in list_files(s, cfg)]
+    report = PrepareReport(out)
+    rows: list[dict[str, Any]] = []
+    clips: list[np.ndarray] = []
+    for e in tqdm(entries, desc="prepare", disable=not progress, mininterval=2.0):
+        try:
+            if not e.path.is_file():
+                raise ValueError("missing file")
+            x = load_audio(e.path, sample_rate, cfg)
+        except ValueError as err:
+            report.bad.append((str(e.path), str(err)))
+            logger.warning("skipping %s: %s", e.path, err)
+            continue
+        crops = choose_crops(x, clip_samples, hop, cfg.max_crops if e.split == "train" else 1, cfg.crop_min_ratio)
+        for off in crops:
+            seg = x[off : off + clip_samples]
+            clip = np.zeros(clip_samples, dtype=np.float32)
+            clip[: seg.size] = seg
+            clips.append(np.round(np.clip(clip, -1.0, 1.0) * 32767.0).astype(np.int16))
+            rows.append(
+                {
+                    "index": len(rows),
+                    "split": e.split,
+                    "caption": e.caption,
+                    "source": str(e.path),
+                    "corpus": e.corpus,
+                    "group": e.group,
+                    "offset": off,
+                    "n_valid": int(seg.size),
+                }
+            )
+        report.files[e.split] = report.files.get(e.split, 0) + 1
+    if not rows:
+        raise ValueError("no usable audio found in the sources")
+    audio = np.stack(clips)
+    np.save(out / "audio.npy", audio)
+    with open(out / "clips.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "bad_files.csv", "w", newline="", encoding="utf-8") as f:
+        w2 = csv.writer(f)
+        w2.writerow(["path", "reason"])
+        w2.writerows(report.bad)
+    report.clips = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
+    meta = {
+        "format": "soundctm-rt-dataset/1",
+        "sample_rate": sample_rate,
+        "clip_samples": clip_samples,
+        "clips": report.clips,
+        "files": report.files,
+        "data_config": dataclasses.asdict(cfg),
+        "sources": [{"audio": str(s.audio), "captions": str(s.captions) if s.captions else None} for s in sources],
+        "bad_files": [{"path": p, "reason": r} for p, r in report.bad],
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
+    logger.info("prepared %s: clips %s, %d bad files", out, report.clips, len(report.bad))
+    return report
+
+
+class ClipDataset:
+    """A prepared dataset directory, read-only. `audio` is int16 [n, clip_samples], memory-mapped."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        meta_path = self.root / "dataset.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.root} is not a prepared dataset (no dataset.json): run `train prepare`")
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self.sample_rate = int(self.meta["sample_rate"])
+        self.clip_samples = int(self.meta["clip_samples"])
+        self.audio = np.load(self.root / "audio.npy", mmap_mode="r")
+        with open(self.root / "clips.csv", newline="", encoding="utf-8") as f:
+            self.rows = list(csv.DictReader(f))
+        self.captions = [r["caption"] for r in self.rows]
+        self.n_valid = np.array([int(r["n_valid"]) for r in self.rows], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def indices(self, split: str) -> np.ndarray:
+        """Clip indices of a split, ascending."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}")
+        return np.array([i for i, r in enumerate(self.rows) if r["split"] == split], dtype=np.int64)
+
+    def wave(self, idx: np.ndarray | list[int]) -> np.ndarray:
+        """float32 [len(idx), clip_samples] in [-1, 1]."""
+        return np.asarray(self.audio[np.asarray(idx)], dtype=np.float32) / 32767.0
+
+    def check_matches(self, sample_rate: int, clip_samples: int) -> None:
+        """Raise if the dataset was prepared for another rate or clip length than the config asks for."""
+        if (self.sample_rate, self.clip_samples) != (sample_rate, clip_samples):
+            raise ValueError(
+                f"dataset {self.root} has {self.sample_rate} Hz clips of {self.clip_samples} samples, "
+                f"the config "
+                f"needs {sample_rate} Hz x {clip_samples}: run `train prepare --config` with the same config"
+            )
+
+
+def latent_cache_dir(dataset: str | Path, vae_id: str) -> Path:
+    return Path(dataset) / "latents" / vae_id
+
+
+def cache_latents(ds: ClipDataset, vae: Any, vae_id: str, batch: int = 16, progress: bool = True) -> Path:
+    """Encode every clip once with the VAE (posterior mean) -> latents/<vae_id>/latents.npy float32 [n, C, T].
+
+    Raw, unnormalised latents: the METHOD §5 statistics are applied by the consumer. Idempotent: an existing
+    complete cache is reused.
+    """
+    import torch
+    from tqdm import tqdm
+
+    d = latent_cache_dir(ds.root, vae_id)
+    path = d / "latents.npy"
+    if path.is_file() and (d / "done").is_file():
+        return path
+    d.mkdir(parents=True, exist_ok=True)
+    out: list[np.ndarray] = []
+    vae.eval()
+    with torch.no_grad():
+        for i in tqdm(range(0, len(ds), batch), desc="latents", disable=not progress, mininterval=5.0):
+            wav = torch.from_numpy(ds.wave(np.arange(i, min(i + batch, len(ds)))))
+            mean, _ = vae.encode(wav)
+            out.append(mean.float().numpy())
+    tmp = d / "latents.tmp.npy"
+    np.save(tmp, np.concatenate(out))
+    tmp.replace(path)
+    (d / "done").write_text(vae_id + "\n")
+    logger.info("cached latents of %d clips in %s", len(ds), path)
+    return path

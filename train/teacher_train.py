@@ -1,0 +1,458 @@
+"""Stage 2: train the EDM teacher D_φ (METHOD §1) over normalised VAE latents (METHOD §5).
+
+Per step: x0 = 0.5·(z − μ_c)/std_c of cached VAE latents; ln σ ~ N(−1.2, 1.2²); captions replaced by "" with
+probability `caption_dropout` (0.1, METHOD §3.1's rate, which the CFG of §3.5 needs); loss
+mean(w(σ)·(D(x0 + σ·ε, σ, c) − x0)²) with w(σ) = (σ² + σ_d²)/(σ·σ_d)² (losses.edm_loss). EMA of the weights
+(μ = ema_decay) is what samples and the final files use. Text: the frozen TextEncoder encodes every distinct
+caption of the dataset once at start (an in-memory table; "" is row 0).
+
+Samples (rank 0, every `sample_every` steps and at the end): Heun (train.sampling.sample_heun) on the Karras
+grid of `sample_steps` points with the CFG denoiser (sampling.cfg_denoiser, ω = sample_omega), decoded by
+the VAE, for captions of the *test* split: WAVs and a spectrogram PNG under samples/teacher_<step>/.
+
+Final files: final/teacher_ema.safetensors (+ _fp16) — the DiT's EMA weights with the model config in the
+metadata — and final/teacher_model.safetensors, the train.checkpoint format (teacher in the student slot, with
+the VAE and the latent statistics, fp32), which distillation and export can load with load_model_checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import ModelSource, save_model_checkpoint
+from .data import ClipDataset, cache_latents
+from .edm import karras_sigmas
+from .loop import (
+    EMA,
+    DistEnv,
+    RunDir,
+    apply_overrides,
+    barrier,
+    build_table,
+    configure_logging,
+    init_distributed,
+    local_batch_size,
+    lr_at,
+    mean_across,
+    progress_bar,
+    save_safetensors,
+    shard,
+    shutdown,
+    step_generator,
+    wrap_ddp,
+)
+from .loop import batches as make_batches
+from .losses import edm_loss, sample_log_normal_sigma
+from .models.config import ModelConfig, load_model_config, load_toml
+from .models.denoiser import Conditioning, CTMDenoiser
+from .models.dit import DiT
+from .models.text import TextEncoder, load_tokenizer, tokenize
+from .models.vae import VAE
+from .sampling import cfg_denoiser, sample_heun
+from .vae_train import load_latent_stats, load_vae_run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    """The [teacher_train] table."""
+
+    steps: int = 3000
+    batch_size: int = 32  # global batch of clips
+    lr: float = 2e-4
+    warmup: int = 200
+    final_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1  # METHOD §3.1
+    seed: int = 0
+    log_every: int = 25
+    ckpt_every: int = 250
+    sample_every: int = 1000
+    sample_prompts: tuple[str, ...] = ()  # empty: 8 captions of the test split
+    sample_steps: int = 40  # Karras grid points of the Heun sampler (METHOD §1: N = 40)
+    sample_omega: float = 3.0  # CFG scale of the samples
+    sample_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("[teacher_train] steps and batch_size must be >= 1")
+        if not 0.0 <= self.caption_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("[teacher_train] caption_dropout and ema_decay must be in [0, 1)")
+        if self.sample_steps < 2:
+            raise ValueError("[teacher_train] sample_steps must be >= 2")
+
+
+def resolve(
+    config: str | Path, data: str | Path, vae: str | Path, **overrides: Any
+) -> tuple[ModelConfig, TeacherTrainConfig, dict]:
+    """Model config, stage config (with CLI overrides) and the resolved dictionary saved in the run dir."""
+    doc = load_toml(config)
+    model_cfg = load_model_config(config)
+    tcfg = apply_overrides(build_table(TeacherTrainConfig, doc.get("teacher_train", {}), "teacher_train"), **overrides)
+    resolved = {
+        "stage": "teacher",
+        "config_source": str(config),
+        "data": str(Path(data).resolve()),
+        "vae_run": str(Path(vae).resolve()),
+        "model": model_cfg.to_dict(),
+        "teacher_train": dataclasses.asdict(tcfg),
+    }
+    return model_cfg, tcfg, resolved
+
+
+class CaptionTable:
+    """Every distinct caption encoded once: tokens [U, L, H], mask [U, L], pooled [U, H]; row 0 is ""."""
+
+    def __init__(self, text: TextEncoder, captions: list[str], max_length: int, batch: int = 64) -> None:
+        self.names = ["", *sorted(set(captions) - {""})]
+        self.row = {c: i for i, c in enumerate(self.names)}
+        tok = load_tokenizer(max_length)
+        toks, masks, pooled = [], [], []
+        with torch.no_grad():
+            for i in range(0, len(self.names), batch):
+                ids, mask = tokenize(tok, self.names[i : i + batch])
+                t, p = text(ids, mask)
+                toks.append(t)
+                masks.append(mask)
+                pooled.append(p)
+        self.tokens, self.mask, self.pooled = torch.cat(toks), torch.cat(masks), torch.cat(pooled)
+
+    def rows(self, captions: list[str]) -> torch.Tensor:
+        return torch.tensor([self.row[c] for c in captions], dtype=torch.long)
+
+    def cond(self, rows: torch.Tensor) -> Conditioning:
+        return Conditioning(self.tokens[rows], self.mask[rows], self.pooled[rows])
+
+
+def encode_prompts(text: TextEncoder, prompts: list[str], max_length: int) -> Conditioning:
+    """Conditioning of arbitrary prompts [P, ...] (the sampler's captions need not be in the table)."""
+    ids, mask = tokenize(load_tokenizer(max_length), prompts)
+    with torch.no_grad():
+        tokens, pooled = text(ids, mask)
+    return Conditioning(tokens, mask, pooled)
+
+
+class TeacherLoss(nn.Module):
+    """The EDM objective as a module, so DistributedDataParallel sees the whole forward pass."""
+
+    def __init__(self, denoiser: CTMDenoiser) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x0, eps [B, C, T]; sigma [B] -> scalar loss (METHOD §1, §3.8 weighting)."""
+        return edm_loss(lambda x, s: self.denoiser.D(x, s, cond), x0, sigma, eps, self.denoiser.sigma_data)
+
+
+def normalise(z: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """z' = 0.5·(z − μ_c)/std_c over [.., C, T]  # METHOD §5"""
+    return 0.5 * (z - mu[:, None]) / std[:, None]
+
+
+def denormalise(zn: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """z = 2·std_c·z' + μ_c  # METHOD §5"""
+    return 2.0 * std[:, None] * zn + mu[:, None]
+
+
+def train_teacher(
+    config: str | Path,
+    data: str | Path,
+    vae: str | Path,
+    run: str | Path,
+    max_steps: int | None = None,
+    resume: bool = False,
+    threads: int | None = None,
+    **overrides: Any,
+) -> Path:
+    """Train (or resume) a teacher run over the latents of a finished VAE run; returns the run directory."""
+    env = init_distributed(threads)
+    configure_logging(env)
+    try:
+        model_cfg, tcfg, resolved = resolve(config, data, vae, **overrides)
+        ds = ClipDataset(data)
+        ds.check_matches(model_cfg.vae.sample_rate, model_cfg.dit.latent_frames * model_cfg.vae.latent_hop)
+        vae_model, vae_cfg, vae_id = load_vae_run(vae)
+        if vae_cfg.vae != model_cfg.vae:
+            raise ValueError(f"the VAE run {vae} was trained with [vae] {vae_cfg.vae}, the config has {model_cfg.vae}")
+        mu, std = load_latent_stats(vae)
+        if env.is_main:  # once per VAE; usually already written by the VAE run's finalisation
+            cache_latents(ds, vae_model, vae_id)
+        barrier(env)
+        latents = np.load(ds.root / "latents" / vae_id / "latents.npy", mmap_mode="r")
+        rd = RunDir(run, env)
+        state = rd.start(resolved, resume)
+        _fit(
+            env,
+            rd,
+            state,
+            model_cfg,
+            tcfg,
+            ds,
+            latents,
+            vae_model,
+            mu,
+            std,
+            max_steps or tcfg.steps,
+            {"vae_run": str(Path(vae).resolve()), "vae_id": vae_id},
+        )
+        return rd.path
+    finally:
+        shutdown(env)
+
+
+def _fit(
+    env: DistEnv,
+    rd: RunDir,
+    state: dict | None,
+    model_cfg: ModelConfig,
+    tcfg: TeacherTrainConfig,
+    ds: ClipDataset,
+    latents: np.ndarray,
+    vae: VAE,
+    mu: torch.Tensor,
+    std: torch.Tensor,
+    end_step: int,
+    provenance: dict[str, Any],
+) -> None:
+    text = TextEncoder(model_cfg.text)
+    table = CaptionTable(text, ds.captions, model_cfg.text.max_length)
+    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+    denoiser = CTMDenoiser(
+        DiT(model_cfg.dit, model_cfg.vae.latent_channels, text.hidden_size), model_cfg.edm.sigma_data
+    ).to(env.device)
+    ema = EMA(denoiser, tcfg.ema_decay)
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
+    step = 0
+    if state is not None:
+        denoiser.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        if state.get("world") != env.world:
+            logger.warning(
+                "resuming a %s-process run with %d processes: the data order changes",
+                state.get("world"),
+                env.world,
+            )
+    lossmod = wrap_ddp(TeacherLoss(denoiser), env)
+    dev = env.device
+    train_idx = ds.indices("train")
+    cap_rows = table.rows(ds.captions)
+    c, T = model_cfg.vae.latent_channels, model_cfg.dit.latent_frames
+    local_b = local_batch_size(tcfg.batch_size, env)
+    logger.info(
+        "teacher %s params, %d training clips, %d captions, %d steps (global batch %d), %d process(es)",
+        f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f} M",
+        len(train_idx),
+        len(table.names) - 1,
+        end_step,
+        tcfg.batch_size,
+        env.world,
+    )
+
+    bar = progress_bar(end_step, step, env, "teacher")
+    t_last, n_last = time.time(), step
+    acc: dict[str, float] = {}
+    for k, idx in make_batches(train_idx, tcfg.batch_size, env, tcfg.seed, step, end_step):
+        gen = step_generator(tcfg.seed, k)
+        drop = shard(torch.rand(tcfg.batch_size, generator=gen) < tcfg.caption_dropout, env)
+        sigma = shard(sample_log_normal_sigma(tcfg.batch_size, gen), env)
+        eps = shard(torch.randn(tcfg.batch_size, c, T, generator=gen), env)
+        x0 = normalise(torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)), mu, std)
+        rows = cap_rows[torch.from_numpy(idx)]
+        rows = torch.where(drop, torch.zeros_like(rows), rows)  # caption dropout to "" (row 0)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(k, tcfg.lr, tcfg.warmup, tcfg.steps, tcfg.final_lr_ratio)
+        cond = table.cond(rows)
+        cond = Conditioning(cond.tokens.to(dev), cond.token_mask.to(dev), cond.pooled.to(dev))
+        loss = lossmod(x0.to(dev), sigma.to(dev), eps.to(dev), cond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), tcfg.grad_clip)
+        opt.step()
+        ema.update(denoiser)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite teacher loss at step {k}")
+        acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
+        acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(gnorm)
+        bar.update(1)
+        if k % tcfg.log_every == 0 or k == end_step:
+            n, dt = k - n_last, time.time() - t_last
+            rec = mean_across({name: v / n for name, v in acc.items()}, env)
+            rec.update(
+                step=k,
+                lr=opt.param_groups[0]["lr"],
+                steps_per_s=n / dt,
+                clips_per_s=n * local_b * env.world / dt,
+            )
+            rd.log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            acc, t_last, n_last = {}, time.time(), k
+        if k % tcfg.ckpt_every == 0 or k == end_step:
+            rd.save_checkpoint(
+                {
+                    "step": k,
+                    "model": denoiser.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": opt.state_dict(),
+                    "world": env.world,
+                }
+            )
+        if env.is_main and (k % tcfg.sample_every == 0 or k == end_step):
+            ema_cpu = copy.deepcopy(ema.model).cpu()
+            rd.log({"step": k, "valid_loss": valid_loss(ema_cpu, latents, ds, table, mu, std, tcfg.sample_seed)})
+            write_samples(
+                ema_cpu,
+                text,
+                vae,
+                mu,
+                std,
+                ds,
+                model_cfg,
+                tcfg,
+                rd.samples / f"teacher_{k:07d}",
+            )
+    bar.close()
+    if env.is_main:
+        final = copy.deepcopy(ema.model).cpu()
+        meta = {
+            "format": "soundctm-rt-teacher/1",
+            "config": model_cfg.to_dict(),
+            "step": end_step,
+            **provenance,
+        }
+        save_safetensors(rd.final / "teacher_ema.safetensors", final.net.state_dict(), meta)
+        save_safetensors(rd.final / "teacher_ema_fp16.safetensors", final.net.state_dict(), meta, dtype=torch.float16)
+        src = ModelSource(
+            model_cfg,
+            final,
+            vae,
+            text,
+            mu,
+            std,
+            {"stage": "teacher", "steps": end_step, "ema_decay": tcfg.ema_decay, **provenance},
+        )
+        save_model_checkpoint(rd.final / "teacher_model.safetensors", src, dtype=torch.float32)
+
+
+@torch.no_grad()
+def valid_loss(
+    denoiser: CTMDenoiser,
+    latents: np.ndarray,
+    ds: ClipDataset,
+    table: CaptionTable,
+    mu: torch.Tensor,
+    std: torch.Tensor,
+    seed: int,
+    n: int = 128,
+) -> float:
+    """EDM loss of a denoiser on up to n validation clips, fixed σ and noise (comparable across steps)."""
+    idx = ds.indices("valid")[:n]
+    if len(idx) == 0:
+        return float("nan")
+    g = torch.Generator().manual_seed(seed)
+    x0 = normalise(torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)), mu, std)
+    sigma = sample_log_normal_sigma(len(idx), g)
+    eps = torch.randn(x0.shape, generator=g)
+    cond = table.cond(table.rows([ds.captions[int(i)] for i in idx]))
+    return float(edm_loss(lambda x, s: denoiser.D(x, s, cond), x0, sigma, eps, denoiser.sigma_data))
+
+
+def sample_prompts(ds: ClipDataset, tcfg: TeacherTrainConfig, k: int = 8) -> list[str]:
+    """The configured prompts, or k distinct captions of the test split spread over its corpora."""
+    if tcfg.sample_prompts:
+        return list(tcfg.sample_prompts)
+    from .report import pick_examples
+
+    caps = [ds.captions[int(i)] for i in pick_examples(ds, ds.indices("test"), 4 * k)]
+    return list(dict.fromkeys(caps))[:k]
+
+
+@torch.no_grad()
+def generate(
+    denoiser: CTMDenoiser,
+    text: TextEncoder,
+    vae: VAE,
+    mu: torch.Tensor,
+    std: torch.Tensor,
+    prompts: list[str],
+    model_cfg: ModelConfig,
+    steps: int,
+    omega: float,
+    seed: int,
+) -> torch.Tensor:
+    """Teacher samples: Heun + CFG over `steps` Karras points from x_T = σ_max·ε, decoded -> [P, N] audio."""
+    e = model_cfg.edm
+    cond = encode_prompts(text, prompts, model_cfg.text.max_length)
+    uncond = encode_prompts(text, [""], model_cfg.text.max_length)
+    g = torch.Generator().manual_seed(seed)
+    x_T = e.sigma_max * torch.randn(
+        len(prompts), model_cfg.vae.latent_channels, model_cfg.dit.latent_frames, generator=g
+    )
+    sigmas = karras_sigmas(steps, e.sigma_min, e.sigma_max, e.rho)
+    x0 = sample_heun(cfg_denoiser(denoiser, cond, uncond, omega), x_T, sigmas)
+    return vae.decode(denormalise(x0, mu, std))
+
+
+def write_samples(
+    denoiser: CTMDenoiser,
+    text: TextEncoder,
+    vae: VAE,
+    mu: torch.Tensor,
+    std: torch.Tensor,
+    ds: ClipDataset,
+    model_cfg: ModelConfig,
+    tcfg: TeacherTrainConfig,
+    out: Path,
+) -> Path:
+    """WAVs and a spectrogram PNG of teacher samples for the sample prompts."""
+    import soundfile as sf
+
+    from .report import save_spectrograms
+
+    prompts = sample_prompts(ds, tcfg)
+    wav = generate(
+        denoiser,
+        text,
+        vae,
+        mu,
+        std,
+        prompts,
+        model_cfg,
+        tcfg.sample_steps,
+        tcfg.sample_omega,
+        tcfg.sample_seed,
+    ).numpy()
+    out.mkdir(parents=True, exist_ok=True)
+    for j, w in enumerate(wav):
+        sf.write(out / f"{j}.wav", w, ds.sample_rate)
+    # beside each sample, a real held-out clip with the same caption (silence when the prompt is not one)
+    test_idx = ds.indices("test")
+    refs = []
+    for p in prompts:
+        match = [int(i) for i in test_idx if ds.captions[int(i)] == p]
+        refs.append(ds.wave(match[:1])[0] if match else np.zeros(wav.shape[-1], dtype=np.float32))
+    save_spectrograms(
+        [[w, r] for w, r in zip(wav, refs, strict=True)],
+        prompts,
+        [f"teacher Heun {tcfg.sample_steps}, ω={tcfg.sample_omega}", "real test clip"],
+        out / "spectrograms.png",
+        ds.sample_rate,
+    )
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    return out
