@@ -172,11 +172,9 @@ def run_cpu_bench(
             "device": device,
         },
     }
-    report["peak_gflops"] = matmul_peak_gflops()
-    results: list[dict[str, Any]] = []
-    for backend in backends:
-        results += bench_backend(bundle, backend, steps_list, runs, warmup, threads, device)
-    report["results"] = results
+    report["peak_gflops"], report["peak_how"] = matmul_peak_gflops(threads=threads)
+    # torch first: onnxruntime's and OpenVINO's thread pools outlive their sessions in this process, and torch's
+    # OpenMP threads measured after them on a contended machine were 5x slower than on their own.
     if torch_eager:
         rows, why = bench_torch_eager(bundle, steps_list, runs, warmup, threads)
         report["torch_eager"] = rows
@@ -185,8 +183,31 @@ def run_cpu_bench(
     else:
         report["torch_eager"] = []
         report["torch_eager_skipped"] = "--no-torch"
+    results: list[dict[str, Any]] = []
+    for backend in backends:
+        results += bench_backend(bundle, backend, steps_list, runs, warmup, threads, device)
+    report["results"] = results
+    report["warnings"] = machine_warnings(report["machine"], threads)
     report["ratios"] = ratios(report)
     return report
+
+
+def machine_warnings(machine: dict[str, Any], threads: int | None) -> list[str]:
+    """Say when the figures were taken on a machine that was already busy: multi-threaded inference then
+    waits on cores other processes hold, and the figures say more about them than about the model."""
+    load = (machine.get("loadavg_at_start") or [0.0])[0]
+    cores = machine.get("cpus_usable") or 1
+    used = threads or cores
+    if load + used > cores + 0.5:
+        advice = "rerun on an idle machine"
+        free = max(1, cores - round(load))
+        if free < used:
+            advice += f" or with --threads {free}"
+        return [
+            f"the machine was busy at the start (load {load:.1f} on {cores} cores) and the bench uses {used} "
+            f"thread(s): figures are pessimistic; {advice}"
+        ]
+    return []
 
 
 def ratios(report: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +230,8 @@ def format_table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"machine: {m.get('cpu_model', m['machine'])}, {m['cpus_usable']} cores; fp32 matmul peak "
-        f"{report['peak_gflops']:.1f} GFLOP/s; bundle {report['bundle']['name']} "
+        f"{report['peak_gflops']:.1f} GFLOP/s ({report.get('peak_how', 'measured')} at the bench's thread count); "
+        f"bundle {report['bundle']['name']} "
         f"({report['bundle']['audio_seconds']:.2f} s clips, {report['bundle']['student_flops_per_step'] / 1e6:.1f} "
         "MFLOP per student step)",
         f"{'backend':<12}{'steps':>5} {'path':<6}{'RTF p50':>9}{'p95':>9}{'p99':>9}{'text ms':>9}{'step ms':>9}"
@@ -224,6 +246,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{_f(st.get('total', st.get('sample'))):>10}{_f(gf):>9}"
             f"{_pct_of_peak(gf, report['peak_gflops']):>7}"
         )
+    for w in report.get("warnings", []):
+        lines.append(f"warning: {w}")
     if report.get("torch_eager_skipped"):
         lines.append(f"torch eager: skipped ({report['torch_eager_skipped']})")
     for k, v in report["ratios"].items():
