@@ -13,7 +13,6 @@ import contextlib
 import json
 import random
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,8 @@ import numpy as np
 import typer
 
 from soundctm_rt.daemon.client import OscClient
-from soundctm_rt.daemon.jack import JackDummy, jack_available, wait_for_line
+from soundctm_rt.daemon.jack import JackDummy, jack_available
+from soundctm_rt.daemon.process import serve_process
 
 
 @contextlib.contextmanager
@@ -35,13 +35,7 @@ def jack_daemon(
     if why:
         raise typer.BadParameter(f"bench needs JACK: {why}")
     with JackDummy(samplerate, blocksize) as jack:
-        cmd = [
-            sys.executable,
-            "-m",
-            "soundctm_rt",
-            "serve",
-            "--port",
-            "0",
+        args = [
             "--samplerate",
             str(samplerate),
             "--blocksize",
@@ -53,18 +47,9 @@ def jack_daemon(
             *(extra or []),
         ]
         if bundle is not None:
-            cmd += ["--bundle", str(bundle)]
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=jack.env())
-        try:
-            line = wait_for_line(p, "listening on", 300)
-            yield int(line.strip().rsplit(":", 1)[1]), p
-        finally:
-            p.terminate()
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            args += ["--bundle", str(bundle)]
+        with serve_process(args, env=jack.env(), timeout=300) as (port, p):
+            yield port, p
 
 
 def percentiles(x: list[float]) -> dict[str, float]:

@@ -3,14 +3,13 @@ libportaudio2. jackd runs before the daemon process imports sounddevice; the dae
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 
 from soundctm_rt.daemon.client import OscClient
-from soundctm_rt.daemon.jack import JackDummy, jack_available, wait_for_line
+from soundctm_rt.daemon.jack import JackDummy, jack_available
+from soundctm_rt.daemon.process import serve_process
 
 pytestmark = pytest.mark.realtime
 
@@ -20,24 +19,11 @@ def jack_daemon(tiny_bundle, tmp_path):
     why = jack_available()
     if why:
         pytest.skip(why)
-    with JackDummy(48000, 256, log_path=tmp_path / "jackd.log") as jack:
-        p = subprocess.Popen(
-            [sys.executable, "-m", "soundctm_rt", "serve", "--bundle", str(tiny_bundle), "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=jack.env(),
-        )
-        try:
-            line = wait_for_line(p, "listening on", 120)
-            yield int(line.strip().rsplit(":", 1)[1]), p
-        finally:
-            p.terminate()
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+    with (
+        JackDummy(48000, 256, log_path=tmp_path / "jackd.log") as jack,
+        serve_process(["--bundle", str(tiny_bundle)], env=jack.env()) as (port, p),
+    ):
+        yield port, p
 
 
 def test_generate_and_triggers_on_the_jack_clock(jack_daemon) -> None:

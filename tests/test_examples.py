@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from soundctm_rt.daemon.client import OscClient
 from soundctm_rt.daemon.jack import wait_for_line
+from soundctm_rt.daemon.process import serve_process
 
 pytestmark = pytest.mark.realtime
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -36,34 +36,9 @@ def _need(tool: str, package: str) -> None:
 def live(tiny_bundle):
     """A --no-audio daemon that also sends every reply to a fixed reply port (like Max's setup)."""
     reply_port = _free_port()
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "soundctm_rt",
-            "serve",
-            "--bundle",
-            str(tiny_bundle),
-            "--port",
-            "0",
-            "--no-audio",
-            "--reply-port",
-            str(reply_port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        line = wait_for_line(p, "listening on", 120)
-        yield int(line.strip().rsplit(":", 1)[1]), reply_port
-    finally:
-        p.terminate()
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    args = ["--bundle", str(tiny_bundle), "--no-audio", "--reply-port", str(reply_port)]
+    with serve_process(args) as (port, _):
+        yield port, reply_port
 
 
 def _read_until(proc: subprocess.Popen, needle: str, timeout: float) -> str:
