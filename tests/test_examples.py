@@ -15,7 +15,7 @@ import pytest
 
 from soundctm_rt.daemon.client import OscClient
 from soundctm_rt.daemon.jack import wait_for_line
-from soundctm_rt.daemon.process import serve_process
+from soundctm_rt.daemon.process import serve_process, stop_process
 
 pytestmark = pytest.mark.realtime
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -45,8 +45,7 @@ def _read_until(proc: subprocess.Popen, needle: str, timeout: float) -> str:
     try:
         return wait_for_line(proc, needle, timeout)
     finally:
-        proc.terminate()
-        proc.wait(timeout=5)
+        stop_process(proc)
 
 
 def test_oscsend_and_oscdump(live) -> None:
@@ -70,8 +69,7 @@ def test_oscsend_and_oscdump(live) -> None:
         parts = done.split()
         assert parts[parts.index("/soundctm/done") + 1] == "iffff", done
     finally:
-        dump.terminate()
-        dump.wait(timeout=5)
+        stop_process(dump)
 
 
 def test_pure_data_patch(live) -> None:
@@ -109,8 +107,7 @@ def test_pure_data_patch(live) -> None:
         done = wait_for_line(pd, "soundctm-reply: soundctm done", 30)
         assert float(done.split()[4]) > 0  # latency_ms
     finally:
-        pd.terminate()
-        pd.wait(timeout=5)
+        stop_process(pd)
 
 
 def test_supercollider_script(live) -> None:
