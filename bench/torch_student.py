@@ -30,7 +30,7 @@ def load_student_from_bundle(bundle: Bundle) -> tuple[torch.nn.Module, tuple[tor
     want = module.state_dict()
     state: dict[str, Any] = {}
     for key, (name, transposed) in pmap["params"].items():
-        a = numpy_helper.to_array(inits[name])
+        a = numpy_helper.to_array(inits[name]).astype(np.float32)  # fp16 storage in compact bundles
         a = np.ascontiguousarray(a.T if transposed else a).copy()
         # matched by content: a folded copy may carry extra unit dims ([1, n] for [n])
         state[key] = torch.from_numpy(a).reshape(want[key].shape)

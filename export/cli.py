@@ -19,6 +19,21 @@ def export(
     no_openvino: bool = typer.Option(False, "--no-openvino", help="Skip the OpenVINO IR files."),
     stream_chunk: int = typer.Option(4, min=1, help="Latent frames per streaming-decoder call."),
     min_snr_db: float = typer.Option(60.0, help="Parity gate: minimum SNR of every backend vs torch."),
+    weights: str = typer.Option("fp32", help="Weight storage: fp32, or fp16 (rounded, computed in float32)."),
+    int8_embeddings: bool = typer.Option(
+        False, "--int8-embeddings", help="Store the text encoder's word-embedding table as INT8."
+    ),
+    openvino_format: str = typer.Option(
+        "ir", help="OpenVINO files: ir (its own IR and weights), or onnx (OpenVINO compiles the ONNX files)."
+    ),
+    compact: bool = typer.Option(
+        False,
+        "--compact",
+        help="The shipped bundle's options: --weights fp16 --int8-embeddings --openvino-format onnx.",
+    ),
+    captions: Path | None = typer.Option(
+        None, help="CSV with a caption column (a prepared dataset's clips.csv): the compact text encoder's check."
+    ),
 ) -> None:
     """Export a model to an ONNX + OpenVINO bundle, with a parity gate against torch."""
     import logging
@@ -41,11 +56,17 @@ def export(
 
     from ..train.checkpoint import init_random, load_model_checkpoint
     from ..train.models.config import load_model_config
+    from .compact import read_captions
     from .parity import ParityError
-    from .pipeline import ExportOptions, export_bundle
+    from .pipeline import COMPACT, ExportOptions, export_bundle
 
     try:
+        compact_opts: dict = dict(COMPACT) if compact else {}
         opts = ExportOptions(
+            weights=compact_opts.get("weights", weights),
+            int8_embeddings=compact_opts.get("int8_embeddings", int8_embeddings),
+            openvino_format=compact_opts.get("openvino_format", openvino_format),
+            captions=tuple(read_captions(captions)) if captions else (),
             steps=step_list,
             int8=int8,
             fuse_decode=not no_fuse_decode,

@@ -1,10 +1,14 @@
 """Export a ModelSource to a bundle: every graph as ONNX and OpenVINO IR, a parity gate, and the manifest.
 
-One code path for trained checkpoints and freshly initialised architectures (`--init random`).
+One code path for trained checkpoints and freshly initialised architectures (`--init random`). The compact
+options (float16 weights, INT8 word embeddings, OpenVINO reading the ONNX files instead of its own IR copy) are
+what the shipped default bundle uses to fit a wheel; see compact.py.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as _dt
 import logging
 import platform
@@ -23,10 +27,18 @@ from ..bundle import write_manifest
 from ..train.checkpoint import ModelSource
 from ..train.edm import karras_sigmas
 from ..train.models.text import MINILM_LICENSE, MINILM_SOURCE, load_tokenizer, tokenize, tokenizer_file
+from .compact import (
+    MIN_POOLED_COSINE,
+    int8_word_embedding_gather,
+    quantise_word_embeddings,
+    round_to_fp16,
+    text_encoder_quality,
+    word_embedding,
+)
 from .graph_facts import count_flops, torch_param_map
 from .onnx_io import SharedWeights, export_onnx, io_contract
 from .openvino_io import SharedIRWeights
-from .parity import compare
+from .parity import ParityError, compare
 from .wrappers import (
     DecoderExport,
     DecoderStreamExport,
@@ -39,6 +51,27 @@ from .wrappers import (
 log = logging.getLogger(__name__)
 
 PARITY_PROMPTS = ["a dog barking", "Roland TR-808 snare drum", ""]
+# Captions for the compact text encoder's quality check when none are given (`--captions` takes a dataset's).
+CHECK_CAPTIONS = [
+    *PARITY_PROMPTS,
+    "Roland TR-808 kick drum",
+    "Roland TR-909 closed hi-hat",
+    "LinnDrum clap",
+    "Oberheim DMX tom",
+    "E-mu SP-1200 rimshot",
+    "Korg Minipops cymbal",
+    "a baby crying",
+    "a clock ticking",
+    "a person sneezing",
+    "a helicopter flying over",
+    "a chainsaw cutting wood",
+    "a rooster crowing",
+    "rain falling on a roof",
+    "sea waves crashing",
+    "a crackling fire",
+    "a swell of wind that fades out",
+    "short metallic percussion hit with a long tail",
+]
 
 
 @dataclass(frozen=True)
@@ -52,12 +85,27 @@ class ExportOptions:
     openvino: bool = True
     min_snr_db: float = 60.0  # parity gate: every graph on every backend vs torch
     seed: int = 1234  # fixed parity inputs
+    weights: str = "fp32"  # "fp16": weights rounded to and stored as float16, computed in float32
+    int8_embeddings: bool = False  # the text encoder's word-embedding table stored as INT8
+    openvino_format: str = "ir"  # "onnx": OpenVINO compiles the ONNX files (no second copy of the weights)
+    captions: tuple[str, ...] = ()  # the compact text encoder's quality check (default: CHECK_CAPTIONS)
 
     def __post_init__(self) -> None:
         if not self.steps or any(s < 1 or s > 64 for s in self.steps):
             raise ValueError("steps must be a non-empty list of integers in [1, 64]")
         if self.stream_chunk < 1:
             raise ValueError("stream_chunk must be >= 1")
+        if self.weights not in ("fp32", "fp16"):
+            raise ValueError(f"weights must be fp32 or fp16, not {self.weights!r}")
+        if self.openvino_format not in ("ir", "onnx"):
+            raise ValueError(f"openvino_format must be ir or onnx, not {self.openvino_format!r}")
+
+    @property
+    def compressed_text(self) -> bool:
+        return self.weights == "fp16" or self.int8_embeddings
+
+
+COMPACT = {"weights": "fp16", "int8_embeddings": True, "openvino_format": "onnx"}  # the shipped bundle's options
 
 
 @dataclass
@@ -207,11 +255,20 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
     out.mkdir(parents=True, exist_ok=True)
     cfg = src.config
     t_start = time.perf_counter()
+    reference_text = None
+    if opts.compressed_text:  # round a copy: the caller's model stays as it was
+        reference_text = src.text
+        src = dataclasses.replace(
+            src, student=copy.deepcopy(src.student), vae=copy.deepcopy(src.vae), text=copy.deepcopy(src.text)
+        )
+    if opts.weights == "fp16":
+        round_to_fp16(src.student, src.vae, src.text)
+    embedding_scale = quantise_word_embeddings(src.text) if opts.int8_embeddings else 0.0
     p = _parity_inputs(src, opts.seed)
     graphs = _graphs(src, opts, p)
 
     onnx_w = SharedWeights(out / "onnx" / "weights.bin")
-    ir_w = SharedIRWeights(out / "openvino" / "weights.bin") if opts.openvino else None
+    ir_w = SharedIRWeights(out / "openvino" / "weights.bin") if opts.openvino and opts.openvino_format == "ir" else None
     manifest_graphs: dict[str, Any] = {}
     parity: dict[str, Any] = {}
     try:
@@ -223,11 +280,18 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
             gr.attrs["flops"] = count_flops(onnx_path)
             if gr.name == "student_step":  # lets `bench` run the same weights in torch eager
                 gr.attrs["torch_params"] = torch_param_map(gr.module, onnx_path)
-            onnx_w.externalize(onnx_path)
+            if gr.name == "text_encoder" and opts.int8_embeddings:
+                table = word_embedding(src.text).weight.detach().numpy()
+                gr.attrs["int8_gather"] = int8_word_embedding_gather(onnx_path, table, embedding_scale)
+            halved = onnx_w.externalize(onnx_path, fp16=opts.weights == "fp16")
+            if opts.weights == "fp16":
+                gr.attrs["fp16_initializers"] = halved
             onnx_w.f.flush()
             files = {"onnxruntime": f"onnx/{gr.name}.onnx"}
             weights = {"onnxruntime": "onnx/weights.bin"}
-            if ir_w is not None:
+            if opts.openvino and opts.openvino_format == "onnx":
+                files["openvino"] = files["onnxruntime"]  # OpenVINO's ONNX frontend reads the same files
+            elif ir_w is not None:
                 ir_w.add_model(onnx_path, out / "openvino" / f"{gr.name}.xml")
                 ir_w.f.flush()
                 files["openvino"] = f"openvino/{gr.name}.xml"
@@ -246,7 +310,7 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
                 sess = open_file_session(
                     out / files[backend],
                     BackendOptions(backend=backend),
-                    out / weights[backend] if backend == "openvino" else None,
+                    out / weights[backend] if backend == "openvino" and backend in weights else None,
                 )
                 got = sess.run(_feeds(gr))
                 parity[gr.name][backend] = compare(gr.name, backend, ref, got, gr.outputs, opts.min_snr_db)
@@ -256,6 +320,23 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
         onnx_w.close()
         if ir_w is not None:
             ir_w.close()
+
+    compression: dict[str, Any] = {
+        "weights": opts.weights,
+        "int8_embeddings": opts.int8_embeddings,
+        "openvino_format": opts.openvino_format if opts.openvino else None,
+    }
+    if reference_text is not None:
+        sess = open_file_session(out / "onnx" / "text_encoder.onnx", BackendOptions(backend="onnxruntime"))
+        captions = list(opts.captions) or CHECK_CAPTIONS
+        quality = text_encoder_quality(reference_text, sess, captions, cfg.text.max_length)
+        compression["text_encoder_vs_fp32"] = quality
+        log.info("compact text encoder vs float32: %s", quality)
+        if quality["pooled_cosine_min"] < MIN_POOLED_COSINE:
+            raise ParityError(
+                f"compact text encoder: pooled cosine {quality['pooled_cosine_min']} < {MIN_POOLED_COSINE} "
+                "against the float32 encoder; export refused (drop --int8-embeddings)"
+            )
 
     shutil.copy(tokenizer_file(), out / "tokenizer.json")
     extra = ["tokenizer.json"]
@@ -291,6 +372,7 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
         extra += [v["file"] for v in int8.values()]
 
     manifest = _manifest(src, opts, manifest_graphs, parity, licenses, int8, extra, time.perf_counter() - t_start)
+    manifest["compression"] = compression
     write_manifest(out, manifest)
     return out
 
@@ -362,7 +444,7 @@ def _manifest(
         "licenses": licenses,
         "extra_files": extra,
         "export": {
-            "options": asdict(opts),
+            "options": {**asdict(opts), "captions": len(opts.captions)},
             "seconds": round(seconds, 1),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": {

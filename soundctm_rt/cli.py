@@ -54,6 +54,9 @@ def _register_groups() -> None:
     except ImportError:  # the evaluation command arrives with the distillation work
         return
     app.command(name="eval")(eval_command)
+    from .train.figures import spectrograms_command
+
+    app.command(name="eval-spectrograms")(spectrograms_command)
 
 
 _register_groups()

@@ -122,6 +122,15 @@ def describe(b: Bundle) -> str:
         d = cfg["dit"]
         lines.append(f"student     DiT width {d['width']}, depth {d['depth']}, heads {d['heads']}")
     lines.append(f"fused       steps {m.get('fused_steps')}")
+    comp = m.get("compression") or {}
+    if comp.get("weights", "fp32") != "fp32" or comp.get("int8_embeddings"):
+        q = comp.get("text_encoder_vs_fp32") or {}
+        int8 = "yes" if comp.get("int8_embeddings") else "no"
+        lines.append(
+            f"storage     weights {comp['weights']}, INT8 word embeddings {int8}"
+            f", OpenVINO reads {comp.get('openvino_format') or '-'}; text encoder vs float32 on {q.get('captions')} "
+            f"captions: pooled cosine min {q.get('pooled_cosine_min')}"
+        )
     lines.append("graphs")
     par = m.get("parity", {}).get("graphs", {})
     for name, spec in m["graphs"].items():
