@@ -31,6 +31,9 @@ def export(
         "--compact",
         help="The shipped bundle's options: --weights fp16 --int8-embeddings --openvino-format onnx.",
     ),
+    default_steps: int | None = typer.Option(
+        None, "--default-steps", help="The bundle's default step count (one of --steps; default: the config's)."
+    ),
     captions: Path | None = typer.Option(
         None, help="CSV with a caption column (a prepared dataset's clips.csv): the compact text encoder's check."
     ),
@@ -67,6 +70,7 @@ def export(
             int8_embeddings=compact_opts.get("int8_embeddings", int8_embeddings),
             openvino_format=compact_opts.get("openvino_format", openvino_format),
             captions=tuple(read_captions(captions)) if captions else (),
+            default_steps=default_steps,
             steps=step_list,
             int8=int8,
             fuse_decode=not no_fuse_decode,

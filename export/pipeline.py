@@ -89,6 +89,7 @@ class ExportOptions:
     int8_embeddings: bool = False  # the text encoder's word-embedding table stored as INT8
     openvino_format: str = "ir"  # "onnx": OpenVINO compiles the ONNX files (no second copy of the weights)
     captions: tuple[str, ...] = ()  # the compact text encoder's quality check (default: CHECK_CAPTIONS)
+    default_steps: int | None = None  # the bundle's default step count (None: the model config's)
 
     def __post_init__(self) -> None:
         if not self.steps or any(s < 1 or s > 64 for s in self.steps):
@@ -99,6 +100,8 @@ class ExportOptions:
             raise ValueError(f"weights must be fp32 or fp16, not {self.weights!r}")
         if self.openvino_format not in ("ir", "onnx"):
             raise ValueError(f"openvino_format must be ir or onnx, not {self.openvino_format!r}")
+        if self.default_steps is not None and self.default_steps not in self.steps:
+            raise ValueError(f"default_steps {self.default_steps} must be one of the fused steps {list(self.steps)}")
 
     @property
     def compressed_text(self) -> bool:
@@ -429,7 +432,7 @@ def _manifest(
             "default_omega": cfg.edm.default_omega,
             "default_nu": cfg.edm.default_nu,
             "default_gamma": cfg.edm.default_gamma,
-            "default_steps": cfg.edm.default_steps,
+            "default_steps": opts.default_steps or cfg.edm.default_steps,
         },
         "text": {
             "encoder": cfg.text.kind,

@@ -157,10 +157,21 @@ class Bundle:
         return str(self.manifest.get("model", {}).get("name", self.root.name))
 
 
+def cache_root() -> Path:
+    """Where soundctm-rt keeps what it derives from bundles (unzipped bundles, OpenVINO's compiled graphs):
+    $SOUNDCTM_RT_CACHE, else ~/.cache/soundctm-rt. Never inside a bundle: the shipped one lives in site-packages."""
+    return Path(os.environ.get("SOUNDCTM_RT_CACHE", Path.home() / ".cache" / "soundctm-rt"))
+
+
+def bundle_id(b: Bundle) -> str:
+    """A short key of a bundle's content (its manifest holds the sha256 of every file)."""
+    return hashlib.sha256(json.dumps(b.manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _unzip_cached(zpath: Path) -> Path:
     """Extract a zipped bundle once into a cache folder keyed by the zip's sha256."""
     digest = sha256_file(zpath)[:16]
-    cache = Path(os.environ.get("SOUNDCTM_RT_CACHE", Path.home() / ".cache" / "soundctm-rt")) / "bundles" / digest
+    cache = cache_root() / "bundles" / digest
     if (cache / MANIFEST).is_file():
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -16,13 +16,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .backends import BackendOptions, Session, open_session
-from .bundle import Bundle, BundleError, resolve_bundle
+from .bundle import Bundle, BundleError, bundle_id, cache_root, resolve_bundle
 from .sampling import draw_noise, karras_sigmas, nu_guided, sample_gamma
 from .text import PromptTokenizer
 
@@ -90,9 +89,7 @@ class Engine:
             device=device,
             threads=threads,
             audio_active=audio_active,
-            cache_dir=str(Path(self.bundle.root) / ".ov_cache")
-            if backend == "openvino" and os.access(self.bundle.root, os.W_OK)
-            else None,
+            cache_dir=_openvino_cache(self.bundle) if backend == "openvino" else None,
         )
         m = self.bundle.manifest
         self.sample_rate = int(m["audio"]["sample_rate"])
@@ -448,3 +445,14 @@ def _as_int(name: str, v: Any) -> int:
 
 
 __all__ = ["BundleError", "Engine", "Timing"]
+
+
+def _openvino_cache(bundle: Bundle) -> str | None:
+    """OpenVINO's compiled-model cache for this bundle, in the user's cache folder (it saves the compile on the
+    next start; the blobs hold the weights in compute precision, ~5x the compact bundle). None if not writable."""
+    path = cache_root() / "openvino" / bundle_id(bundle)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return str(path) if os.access(path, os.W_OK) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# unzipped bundles and OpenVINO's compiled graphs go to a throwaway folder, not the user's ~/.cache
+os.environ.setdefault("SOUNDCTM_RT_CACHE", tempfile.mkdtemp(prefix="soundctm-rt-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -144,3 +144,11 @@ def test_bench_rebuilds_the_torch_student_from_float16_storage(compact_bundle):
         {n: f.numpy() for n, f in zip(names, feeds, strict=True)}
     )
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_default_steps_must_be_a_fused_graph():
+    from soundctm_rt.export.pipeline import ExportOptions
+
+    assert ExportOptions(steps=(1, 4), default_steps=4).default_steps == 4
+    with pytest.raises(ValueError, match="one of the fused steps"):
+        ExportOptions(steps=(1, 2), default_steps=4)

@@ -48,6 +48,9 @@ def test_wheel_holds_only_the_namespaced_packages(tmp_path):
         "soundctm_rt/export/pipeline.py",
         "soundctm_rt/bench/cpu.py",
         "soundctm_rt/engine.py",
+        "soundctm_rt/default_bundle/manifest.json",  # the shipped model travels in the wheel
+        "soundctm_rt/default_bundle/onnx/weights.bin",
+        "soundctm_rt/default_bundle/LICENSES/all-MiniLM-L6-v2.txt",
     ):
         assert needed in names
     target = tmp_path / "site"

@@ -63,7 +63,10 @@ def eval_command(
     from .distill_train import STUDENT_CHECKPOINT, TEACHER_CHECKPOINT
     from .eval import evaluate, load_checkpoint_of, markdown, write_result
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # the root callback has already configured logging (WARNING without -v): basicConfig would be a no-op, so the
+    # evaluation's progress lines get their own level
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("soundctm_rt.train").setLevel(logging.INFO)
     if threads:
         torch.set_num_threads(threads)
     embed = make_embedding(cfg.embedding, threads=threads or 1)
