@@ -57,6 +57,9 @@ def _register_groups() -> None:
     from .train.figures import spectrograms_command
 
     app.command(name="eval-spectrograms")(spectrograms_command)
+    from .train.control_cli import eval_control_command
+
+    app.command(name="eval-control")(eval_control_command)
 
 
 _register_groups()

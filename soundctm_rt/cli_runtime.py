@@ -41,6 +41,16 @@ def generate(
     threads: int | None = typer.Option(None, min=1, help="Intra-op threads (default: all cores)."),
     fmt: str = typer.Option("PCM_16", "--subtype", help="WAV subtype: PCM_16, PCM_24 or FLOAT."),
     json_out: bool = typer.Option(False, "--json", help="Print the timing records as JSON lines."),
+    intensity: str | None = typer.Option(
+        None,
+        "--intensity",
+        help="Shape the loudness: a preset (fade-in, swell, decay, pulse) or a CSV/JSON of (seconds, dB) points. "
+        "Runs the torch student (needs torch and --checkpoint).",
+    ),
+    control: str = typer.Option("noise-opt", "--control", help="With --intensity: noise-opt or guidance."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="With --intensity: student checkpoint (default: models/student_model.safetensors)."
+    ),
 ) -> None:
     """Generate sound from a text prompt and write WAV files."""
     import soundfile as sf
@@ -51,6 +61,32 @@ def generate(
         raise _fail(f"--subtype must be PCM_16, PCM_24 or FLOAT, not {fmt!r}")
     if output.suffix.lower() != ".wav" and not (variations > 1 and (output.is_dir() or output.suffix == "")):
         raise _fail(f"--output must end in .wav (or be a folder with --variations), got {output}")
+    if intensity is None and (checkpoint is not None or control != "noise-opt"):
+        raise _fail("--control and --checkpoint only apply with --intensity")
+    if intensity is not None:  # METHOD §6 control differentiates through the torch student: imported only here
+        if bundle is not None or backend != "onnxruntime" or device != "cpu":
+            raise _fail(
+                "--intensity runs the torch checkpoint on the CPU: --bundle, --backend and --device do not apply"
+            )
+        from .train.control_cli import generate_controlled
+
+        generate_controlled(
+            prompt,
+            _output_paths(output, variations),
+            intensity,
+            control,
+            checkpoint,
+            steps,
+            gamma,
+            cfg,
+            nu,
+            seed,
+            duration,
+            threads,
+            fmt,
+            json_out,
+        )
+        return
     try:
         eng = Engine(resolve_bundle(bundle), backend=backend, device=device, threads=threads, warmup=False)
         eng.check_params(steps=steps, gamma=gamma, omega=cfg, nu=nu, duration=duration, seed=seed)

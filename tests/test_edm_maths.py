@@ -66,3 +66,19 @@ def test_gamma_zero_sampling_is_the_chain_of_jumps():
     for i in range(4):
         x = jump(x, sig[i].expand(1), sig[i + 1].expand(1))
     torch.testing.assert_close(got, x)
+
+
+def test_gamma_zero_sampling_needs_no_noise():
+    """γ = 0 injects no noise, so the distiller's sample writer may pass none (it once crashed on steps > 1)."""
+    import torch
+    from soundctm_rt.train.sampling import sample_gamma
+
+    def jump(x, t, s):
+        return x * (s / t)[:, None]
+
+    sig = torch.tensor([80.0, 10.0, 1.0, 0.002])
+    x_T = torch.randn(2, 3)
+    noises = [torch.randn(2, 3) for _ in range(2)]
+    torch.testing.assert_close(
+        sample_gamma(jump, x_T, sig, 0.0, [], 0.002), sample_gamma(jump, x_T, sig, 0.0, noises, 0.002)
+    )

@@ -8,18 +8,22 @@ caption as the prompt, and the generated columns at the step counts asked for.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import typer
 
-from .data import ClipDataset
-from .eval import clip_labels
-from .report import save_spectrograms
+if TYPE_CHECKING:
+    from .data import ClipDataset
+
+# .data, .eval and .report import torch: they are imported inside the functions, because the CLI registers this
+# command in every `soundctm-rt` process and the runtime commands must stay torch-free.
 
 
 def class_examples(ds: ClipDataset, max_classes: int) -> list[tuple[str, int]]:
     """(label, test clip index) for up to max_classes labels: the first test clip of each, corpora interleaved."""
+    from .eval import clip_labels
+
     labels = clip_labels(ds)
     by_corpus: dict[str, list[tuple[str, int]]] = {}
     seen: set[str] = set()
@@ -44,6 +48,8 @@ def spectrogram_grid(
 ) -> dict[str, Any]:
     """Write the PNG; returns what it shows (for the model card)."""
     from ..engine import Engine
+    from .data import ClipDataset
+    from .report import save_spectrograms
 
     ds = ClipDataset(data)
     eng = Engine(bundle, backend=backend)

@@ -45,7 +45,10 @@ def sample_gamma(
     noises: Sequence[torch.Tensor],
     sigma_min: float,
 ) -> torch.Tensor:
-    """γ-sampling (METHOD §4). x_T is already scaled (σ_max·ε); noises[i] is ε_i for steps i < steps-1."""
+    """γ-sampling (METHOD §4). x_T is already scaled (σ_max·ε); noises[i] is ε_i for steps i < steps-1.
+
+    At γ = 0 no noise is injected (s_i = σ_{i+1}), so `noises` may be empty.
+    """
     x = x_T
     steps = len(sigmas) - 1
     b = x.shape[0]
@@ -53,7 +56,7 @@ def sample_gamma(
         t = sigmas[i].expand(b)
         s = gamma_s(sigmas[i + 1], gamma, sigma_min).expand(b)
         x = jump(x, t, s)
-        if i < steps - 1:
+        if i < steps - 1 and float(gamma) > 0.0:
             x = x + torch.sqrt(sigmas[i + 1] ** 2 - s[0] ** 2) * noises[i]
     return x
 

@@ -1,0 +1,250 @@
+"""Intensity control (METHOD §6): the intensity against a direct numpy computation, target curves and their
+errors, both methods on the tiny random model, `generate --intensity` and `eval-control` end to end. One thread."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from soundctm_rt.train import control as C
+from soundctm_rt.train import control_curves as cc
+from test_distill_run import distill_dataset  # noqa: F401 - module fixture
+
+torch.set_num_threads(1)
+PROMPTS = ["a dog barking", "Roland TR-808 snare drum"]
+
+
+def reference_intensity(y: np.ndarray, hop: int) -> np.ndarray:
+    """The docstring's definition, frame by frame in float64."""
+    n = len(y)
+    w = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(2 * hop) / (2 * hop))  # periodic Hann
+    out = []
+    for j in range(n // hop):
+        start = j * hop - hop // 2
+        idx = np.arange(start, start + 2 * hop)
+        inside = (idx >= 0) & (idx < n)
+        num = np.sum(w[inside] * y[idx[inside]].astype(np.float64) ** 2)
+        out.append(10 * np.log10(num / w[inside].sum() + 1e-8))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("n, hop", [(16 * 1024, 1024), (5000, 1024), (3 * 64 + 17, 64), (8 * 63, 63)])
+def test_intensity_matches_reference(n, hop):
+    rng = np.random.default_rng(n)
+    y = (rng.standard_normal((2, n)) * np.linspace(0.001, 0.5, n)).astype(np.float32)
+    got = C.intensity_db(torch.from_numpy(y), hop).numpy()
+    assert got.shape == (2, n // hop)
+    for b in range(2):
+        np.testing.assert_allclose(got[b], reference_intensity(y[b], hop), atol=1e-3)
+
+
+def test_intensity_landmarks_and_gradient():
+    t = torch.arange(16 * 1024) / 44100
+    sine = torch.sin(2 * torch.pi * 441 * t)[None]
+    np.testing.assert_allclose(C.intensity_db(sine, 1024).numpy(), -3.0103, atol=0.02)  # full-scale sine
+    assert torch.all(C.intensity_db(torch.zeros(1, 4096), 1024) == C.INTENSITY_FLOOR_DB)
+    y = torch.zeros(1, 4096, requires_grad=True)
+    C.intensity_db(y, 1024).sum().backward()
+    assert torch.isfinite(y.grad).all()  # the soft floor keeps silence differentiable
+    level = torch.tensor([[-10.0, -20.0, -30.0]])
+    target = torch.tensor([[-10.0, -24.0, -27.0]])
+    assert C.db_rmse(level, target).item() == pytest.approx(np.sqrt(25 / 3))
+    assert C.db_rmse(level, target, torch.tensor([True, True, False])).item() == pytest.approx(np.sqrt(8))
+
+
+def test_presets_fit_the_clip():
+    D = 64 * 1024 / 44100
+    for name in cc.PRESETS:
+        pts = cc.preset_points(name, D)
+        times = [t for t, _ in pts]
+        assert times == sorted(times) and times[0] >= 0 and times[-1] <= D
+        cc.check_points(pts, D, name)
+        curve = cc.resample(pts, 64, 44100 / 1024)
+        assert curve.shape == (64,) and curve.min() >= cc.PRESET_LOW_DB and curve.max() <= cc.PRESET_HIGH_DB
+    fade = cc.resample(cc.preset_points("fade-in", D), 64, 44100 / 1024)
+    assert np.all(np.diff(fade) > 0)
+    swell = cc.resample(cc.preset_points("swell", D), 64, 44100 / 1024)
+    assert 28 <= int(np.argmax(swell)) <= 35
+    pulse = cc.resample(cc.preset_points("pulse", D), 64, 44100 / 1024)
+    assert int((np.diff(pulse) > 10).sum()) == cc.PULSES - 1  # sharp onsets
+    # a short clip: the same shapes, squeezed
+    short = cc.resample(cc.preset_points("decay", 0.5), 16, 32.0)
+    assert short[0] > -13 and short[-1] < -38
+
+
+def test_curve_files(tmp_path):
+    (tmp_path / "a.csv").write_text("# my curve\nseconds,db\n0, -40\n0.5,-10\n1.0,-30\n")
+    pts, _ = cc.load_curve(str(tmp_path / "a.csv"), 1.49)
+    assert pts == [(0.0, -40.0), (0.5, -10.0), (1.0, -30.0)]
+    np.testing.assert_allclose(cc.resample(pts, 4, 4.0), [-32.5, -17.5, -15.0, -25.0])  # frame centres
+    for doc in ([[0, -40], [1, -20]], {"points": [[0, -40], [1, -20]]}, {"seconds": [0, 1], "db": [-40, -20]}):
+        (tmp_path / "b.json").write_text(json.dumps(doc))
+        assert cc.load_curve(str(tmp_path / "b.json"), 1.49)[0] == [(0.0, -40.0), (1.0, -20.0)]
+    assert cc.resample([(0.2, -30.0)], 3, 1.0).tolist() == [-30.0] * 3  # one point: a constant level
+
+
+@pytest.mark.parametrize(
+    "name, text, msg",
+    [
+        ("a.csv", "0,-10\n0,-20\n", "increase strictly"),
+        ("a.csv", "0,-10\n1\n", "expected 2"),
+        ("a.csv", "0,-10\n1,loud\n", "not two numbers"),
+        ("a.csv", "0,-10\n1,-90\n", "dBFS"),
+        ("a.csv", "0,-10\n1,6\n", "dBFS"),
+        ("a.csv", "-1,-10\n", "negative"),
+        ("a.csv", "0,nan\n", "not finite"),
+        ("a.csv", "5,-10\n", "after the clip"),
+        ("a.csv", "seconds,db\n", "no points"),
+        ("a.json", "{", "not valid JSON"),
+        ("a.json", '{"x": 1}', "expected a list"),
+        ("a.json", "[[0, -10, 3]]", "expected [seconds, dB]"),
+        ("a.json", '{"seconds": [0, 1], "db": [-10]}', "'db' 1"),
+        ("a.txt", "0,-10", ".csv or .json"),
+    ],
+)
+def test_malformed_curves(tmp_path, name, text, msg):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(cc.CurveError, match=msg.replace("[", r"\[")):
+        cc.load_curve(str(tmp_path / name), 1.49)
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(cc.CurveError, match="neither a preset"):
+        cc.load_curve("crescendo", 1.49)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from soundctm_rt.train.checkpoint import init_random, save_model_checkpoint
+    from soundctm_rt.train.models.config import load_model_config
+    from soundctm_rt.train.teacher_train import encode_prompts
+
+    src = init_random(load_model_config("tiny"), seed=0)
+    path = save_model_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.safetensors", src, torch.float32)
+    mc = src.config
+    T, rate = mc.dit.latent_frames, mc.vae.latent_rate
+    cond = encode_prompts(src.text, PROMPTS, mc.text.max_length)
+    uncond = encode_prompts(src.text, [""], mc.text.max_length).expand(len(PROMPTS))
+    jump = C.student_jump(src, cond, uncond, mc.edm.default_omega, 1.0)
+    target = torch.from_numpy(
+        np.stack([cc.resample(cc.preset_points(p, T / rate), T, rate) for p in ("fade-in", "pulse")])
+    )
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(len(PROMPTS), mc.vae.latent_channels, T, generator=g)
+    noises = [torch.randn(eps.shape, generator=g) for _ in range(3)]
+    return src, path, jump, target, eps, noises
+
+
+def _err(src, x0, target):
+    with torch.no_grad():
+        return C.db_rmse(C.decoded_intensity(src, x0), target)
+
+
+def test_noise_optimisation_lowers_the_error(tiny):
+    src, _, jump, target, eps, noises = tiny
+    cfg = C.ControlConfig(noise_iterations=12)
+    for steps in (1, 2):
+        base = _err(src, C.sample_uncontrolled(src, jump, eps, noises, steps, 0.0).x0, target)
+        res = C.sample_noise_optimised(src, jump, eps, target, steps, cfg)
+        assert torch.all(_err(src, res.x0, target) < base), (steps, base)
+    # the optimised noise stays on the sphere of a typical Gaussian draw, and the one-step loss falls
+    n = eps[0].numel()
+    np.testing.assert_allclose(res.eps_T.flatten(1).norm(dim=1).numpy(), np.sqrt(n), rtol=1e-5)
+    assert len(res.loss_trace) == 12 and np.all(np.array(res.loss_trace[-1]) < np.array(res.loss_trace[0]))
+
+
+def test_loss_guidance_lowers_the_error(tiny):
+    src, _, jump, target, eps, noises = tiny
+    cfg = C.ControlConfig(guidance_iterations=2)
+    for gamma in (0.0, 0.5):
+        base = _err(src, C.sample_uncontrolled(src, jump, eps, noises, 4, gamma).x0, target)
+        res = C.sample_loss_guided(src, jump, eps, noises, target, 4, gamma, cfg)
+        assert torch.all(_err(src, res.x0, target) < base), (gamma, base)
+    # without nudges, loss guidance is the uncontrolled γ-sampling
+    plain = C.sample_loss_guided(src, jump, eps, noises, target, 4, 0.5, C.ControlConfig(guidance_iterations=0))
+    torch.testing.assert_close(plain.x0, C.sample_uncontrolled(src, jump, eps, noises, 4, 0.5).x0)
+
+
+def test_control_config_is_validated():
+    with pytest.raises(ValueError, match="guidance_steps"):
+        C.ControlConfig(guidance_steps=1)
+    with pytest.raises(ValueError, match="noise_lr"):
+        C.ControlConfig(noise_lr=0.0)
+
+
+CLI = [sys.executable, "-m", "soundctm_rt"]
+
+
+def run(*args):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_with_intensity(tiny, tmp_path):
+    import soundfile as sf
+
+    _, path, *_ = tiny
+    (tmp_path / "c.json").write_text(json.dumps([[0, -50], [0.2, -20]]))
+    r = run(
+        "generate", "a dog barking", "--intensity", tmp_path / "c.json", "--checkpoint", path, "-o", tmp_path / "s",
+        "--variations", 2, "--threads", 1, "--json", "--duration", 0.25,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["seed"] for x in recs] == [0, 1] and all(x["db_rmse"] < x["db_rmse_uncontrolled"] for x in recs)
+    audio, sr = sf.read(tmp_path / "s" / "take_000.wav")
+    assert sr == 44100 and len(audio) == round(0.25 * 44100) and np.abs(audio).max() > 0
+
+
+def test_generate_intensity_errors(tiny, tmp_path, monkeypatch):
+    from soundctm_rt.train import control_cli
+    from typer.testing import CliRunner
+
+    from soundctm_rt.cli import app
+
+    _, path, *_ = tiny
+    out = ["-o", str(tmp_path / "x.wav"), "--threads", "1"]
+    cases = [
+        (["--intensity", "crescendo", "--checkpoint", str(path)], "neither a preset"),
+        (["--intensity", "swell", "--checkpoint", str(path), "--control", "guidance", "--steps", "1"], "--steps 2"),
+        (["--intensity", "swell", "--checkpoint", str(path), "--gamma", "0.5"], "γ = 0"),
+        (["--intensity", "swell", "--checkpoint", str(path), "--control", "magic"], "noise-opt or guidance"),
+        (["--intensity", "swell", "--checkpoint", str(tmp_path / "none.safetensors")], "does not exist"),
+        (["--intensity", "swell", "--checkpoint", str(path), "--bundle", str(tmp_path)], "do not apply"),
+        (["--checkpoint", str(path)], "only apply with --intensity"),
+    ]
+    runner = CliRunner()
+    for args, msg in cases:
+        r = runner.invoke(app, ["generate", "x", *out, *args])
+        assert r.exit_code == 2 and msg in r.output, (args, r.output)
+    monkeypatch.setattr(control_cli, "default_checkpoint_path", lambda: None)
+    r = runner.invoke(app, ["generate", "x", *out, "--intensity", "swell"])
+    assert r.exit_code == 2 and "--checkpoint PATH" in r.output
+    default = control_cli.default_checkpoint_path
+    monkeypatch.undo()
+    found = default()
+    assert found is None or found == Path(control_cli.__file__).resolve().parent.parent / control_cli.REPO_CHECKPOINT
+
+
+def test_eval_control_end_to_end(tiny, distill_dataset, tmp_path):  # noqa: F811 - fixture
+    _, path, *_ = tiny
+    r = run(
+        "eval-control", "--checkpoint", path, "--data", distill_dataset, "--json", tmp_path / "c.json",
+        "--markdown", tmp_path / "c.md", "--png", tmp_path / "c.png", "--prompts", 3, "--steps", 2,
+        "--noise-iterations", 3, "--guidance-iterations", 1, "--embedding", "logmel", "--threads", 1, "--batch", 5,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert res["config"]["cases"] == 3 * len(cc.PRESETS) and len(res["cases"]) == 12
+    rows = {(x["method"], x["steps"]) for x in res["rows"]}
+    assert rows == {("uncontrolled", 1), ("uncontrolled", 2), ("noise_optimisation", 1), ("noise_optimisation", 2),
+                    ("loss_guidance", 2)}  # fmt: skip
+    for key in ("uncontrolled_db_rmse", "noise_optimisation_db_rmse", "loss_guidance_db_rmse"):
+        assert np.isfinite(res[key]) and res[key] > 0
+    assert all(0 <= x["adherence"] <= 1 and x["seconds_per_clip"] > 0 for x in res["rows"])
+    md = (tmp_path / "c.md").read_text()
+    assert "loss_guidance" in md and "c.png" in md and (tmp_path / "c.png").stat().st_size > 10_000
