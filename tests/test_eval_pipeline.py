@@ -160,3 +160,20 @@ def test_eval_command_on_the_tiny_student(
     assert np.isfinite(f["valid_vs_test_fd"]) and np.isfinite(f["train_vs_test_kid"])
     assert result["config"]["embedding_used"] == "logmel64-meanstd" and result["config"]["prompts"] == 6
     assert "| teacher |" in md.read_text() and "Floor" in md.read_text()
+
+
+def test_reconstruction_embedding_report_and_verdict(distill_dataset: Path):  # noqa: F811
+    """The data README's VAE adoption test: identity beats a destructive 'reconstruction' on KID and probe."""
+    import torch
+    from soundctm_rt.train.birdnet import make_embedding
+    from soundctm_rt.train.data import ClipDataset
+    from soundctm_rt.train.recon_embedding import adoption_verdict, embedding_report
+
+    ds = ClipDataset(distill_dataset)
+    methods = {"identity": lambda y: y, "noise": lambda y: torch.randn_like(y) * 0.1}
+    rep = embedding_report(methods, ds, make_embedding("logmel"), max_train_clips=0)
+    assert set(rep) >= {"real_test", "identity", "noise", "config"}
+    assert rep["identity"]["fd"] == pytest.approx(rep["real_test"]["fd"])
+    assert rep["identity"]["probe_accuracy"] == rep["real_test"]["probe_accuracy"]
+    assert rep["noise"]["kid_x1e3"] > rep["identity"]["kid_x1e3"]
+    assert adoption_verdict(rep, "noise", ["identity"])["adopt"] is False

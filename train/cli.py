@@ -121,6 +121,48 @@ def vae_finalize(data: Path = _DATA, run: Path = _RUN, threads: int = _THREADS) 
     finalize_vae(run, ClipDataset(data))
 
 
+@app.command("vae-embedding-report")
+def vae_embedding_report(
+    data: Path = _DATA,
+    run: Path = _RUN,
+    json_path: Path = typer.Option(
+        None, "--json", help="write the report here (default: RUN/report/test_embedding.json)"
+    ),
+    embedding: str = typer.Option("birdnet", "--embedding", help="birdnet | logmel | auto"),
+    max_train_clips: int = typer.Option(800, "--max-train-clips", help="real training clips: reference set and probe"),
+    threads: int = _THREADS,
+) -> None:
+    """The data README's adoption test of a finished VAE: its test reconstructions vs the no-training baselines
+    in the evaluation embedding (FD, KID, probe accuracy), with real test clips as the floor."""
+    import torch
+
+    from .birdnet import make_embedding
+    from .data import ClipDataset
+    from .recon_embedding import adoption_verdict, embedding_report
+    from .report import MelPCA, griffin_lim_from_mel
+    from .vae_train import load_vae_run
+
+    _setup_logging()
+    if threads:
+        torch.set_num_threads(threads)
+    ds = ClipDataset(data)
+    vae, cfg, vae_id = load_vae_run(run)
+    k = max(1, round(cfg.vae.latent_channels * MelPCA.hop / cfg.vae.latent_hop))
+    base = ["baseline_mel128_griffin_lim32", f"baseline_mel_pca{k}_griffin_lim32"]
+    methods = {
+        "vae": lambda y: vae.decode(vae.encode(y)[0]),
+        base[0]: lambda y: griffin_lim_from_mel(y, ds.sample_rate),
+        base[1]: MelPCA(ds, k),
+    }
+    report = embedding_report(methods, ds, make_embedding(embedding, threads=threads or 1), max_train_clips)
+    report["vae_id"] = vae_id
+    report["verdict"] = adoption_verdict(report, "vae", base)
+    out = json_path or run / "report" / "test_embedding.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(json.dumps(report, indent=2))
+
+
 @app.command()
 def teacher(
     config: str = _CONFIG,

@@ -1,0 +1,96 @@
+"""Reconstructions judged in the evaluation embedding: the adoption test of ../shared/data/README.md.
+
+The data README adopts a learned VAE only when its reconstructions beat the no-training baselines on KID and
+linear-probe accuracy in the evaluation embedding (BirdNET). This module measures exactly that, beside the
+signal metrics of report.py:
+  * each method reconstructs the test clips;
+  * FD and KID of the reconstructions against a fixed reference set of real training clips, with the real test
+    clips themselves as the floor;
+  * probe accuracy: a ridge probe fitted on embeddings of real training clips (ridge chosen on valid, as in
+    `soundctm-rt eval`) predicts each reconstruction's class label.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .birdnet import Embedding
+from .data import ClipDataset
+from .eval import EvalConfig, RidgeProbe, clip_labels, frechet_distance, kid, spread
+
+logger = logging.getLogger(__name__)
+
+
+def embedding_report(
+    methods: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    ds: ClipDataset,
+    embed: Embedding,
+    max_train_clips: int = 800,
+    batch: int = 16,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """{"real_test": floor figures, <method>: figures, "config": ...} on the test split (module docstring)."""
+    sr = ds.sample_rate
+    labels = clip_labels(ds)
+    test_idx, valid_idx = ds.indices("test"), ds.indices("valid")
+    ref_idx = spread(ds.indices("train"), max_train_clips)
+
+    def emb(waves: np.ndarray) -> np.ndarray:
+        return np.concatenate([embed(waves[i : i + 64], sr) for i in range(0, len(waves), 64)])
+
+    e_ref = emb(ds.wave(ref_idx))
+    e_valid = emb(ds.wave(valid_idx))
+    probe, ridge, valid_acc = RidgeProbe.select(
+        e_ref,
+        [labels[int(i)] for i in ref_idx],
+        e_valid,
+        [labels[int(i)] for i in valid_idx],
+        EvalConfig.probe_ridges,
+    )
+    test_labels = [labels[int(i)] for i in test_idx]
+    cfg = EvalConfig()
+    rng = np.random.default_rng(seed)
+
+    def figures(e: np.ndarray) -> dict[str, float]:
+        return {
+            "fd": frechet_distance(e, e_ref),
+            "kid_x1e3": 1e3 * kid(e, e_ref, cfg.kid_subsets, cfg.kid_subset_size, rng),
+            "probe_accuracy": probe.accuracy(e, test_labels),
+        }
+
+    real = ds.wave(test_idx)
+    out: dict[str, Any] = {"real_test": figures(emb(real))}
+    for name, fn in methods.items():
+        with torch.no_grad():
+            rec = np.concatenate(
+                [fn(torch.from_numpy(real[i : i + batch])).numpy() for i in range(0, len(real), batch)]
+            )
+        out[name] = figures(emb(rec))
+        logger.info("%s: %s", name, out[name])
+    out["config"] = {
+        "embedding": embed.name,
+        "reference": f"{len(ref_idx)} real training clips",
+        "test_clips": len(test_idx),
+        "probe_ridge": ridge,
+        "probe_accuracy_real_valid": valid_acc,
+        "probe_classes": len(probe.classes),
+    }
+    return out
+
+
+def adoption_verdict(report: dict[str, Any], learned: str, baselines: list[str]) -> dict[str, Any]:
+    """Whether `learned` beats every baseline on both KID (lower) and probe accuracy (higher)."""
+    r = report[learned]
+    beats = {
+        b: {
+            "kid": r["kid_x1e3"] < report[b]["kid_x1e3"],
+            "probe_accuracy": r["probe_accuracy"] > report[b]["probe_accuracy"],
+        }
+        for b in baselines
+    }
+    return {"adopt": all(all(v.values()) for v in beats.values()), "beats": beats}
