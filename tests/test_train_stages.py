@@ -227,3 +227,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(dataset: Path, vae_run: 
     _assert_same_state(_ckpt(full), _ckpt(killed))
     assert [r["step"] for r in _log(killed) if "loss" in r] == list(range(1, 301))
     assert _losses(full) == _losses(killed)
+
+
+def test_resume_may_extend_the_steps_but_change_nothing_else():
+    from soundctm_rt.train.loop import _allow_extension
+
+    old = {"distill": {"steps": 600, "lr": 8e-5}, "model": {"width": 256}}
+    merged, ext = _allow_extension(old, {"distill": {"steps": 1400, "lr": 8e-5}, "model": {"width": 256}})
+    assert merged["distill"]["steps"] == 1400 and ext == {"distill": (600, 1400)}
+    assert old["distill"]["steps"] == 600  # the caller's dict is not modified
+    merged, ext = _allow_extension(old, {"distill": {"steps": 300, "lr": 8e-5}, "model": {"width": 256}})
+    assert merged["distill"]["steps"] == 600 and ext == {}  # fewer steps: still a difference, refused by start()

@@ -232,11 +232,21 @@ class RunDir:
         if resume and cfg_path.is_file():
             old = json.loads(cfg_path.read_text())
             resolved = json.loads(json.dumps(resolved))  # tuples -> lists, as stored
+            old, extended = _allow_extension(old, resolved)
             diff = sorted(
                 k for k in set(old) | set(resolved) if k not in ("max_steps",) and old.get(k) != resolved.get(k)
             )
             if diff:
                 raise ValueError(f"--resume with a different config than {cfg_path} (differs in {diff})")
+            for stage, (a, b) in extended.items():
+                logger.warning(
+                    "extending %s from %d to %d steps: a schedule that depends on the length (warm-up/decay) "
+                    "now follows %d steps from here on",
+                    stage,
+                    a,
+                    b,
+                    b,
+                )
         if self.env.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             cfg_path.write_text(json.dumps(resolved, indent=2, sort_keys=True))
@@ -318,3 +328,21 @@ def save_safetensors(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
     return path
+
+
+def _allow_extension(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
+    """A resumed run may be given more steps than it was planned with (train longer); nothing else may change.
+
+    Returns `old` with those larger step counts taken from `new`, and {stage: (old steps, new steps)}.
+    """
+    old = json.loads(json.dumps(old))
+    extended: dict[str, tuple[int, int]] = {}
+    for stage, table in new.items():
+        prev = old.get(stage)
+        if not (isinstance(table, dict) and isinstance(prev, dict)):
+            continue
+        a, b = prev.get("steps"), table.get("steps")
+        if isinstance(a, int) and isinstance(b, int) and b > a:
+            prev["steps"] = b
+            extended[stage] = (a, b)
+    return old, extended
