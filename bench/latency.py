@@ -29,8 +29,9 @@ from soundctm_rt.daemon.process import serve_process
 @contextlib.contextmanager
 def jack_daemon(
     bundle: Path | None, samplerate: int, blocksize: int, lead: float, extra: list[str] | None = None
-) -> Iterator[tuple[int, subprocess.Popen[str]]]:
-    """jackd dummy + a daemon process on it; yields (daemon port, process). Stops both by PID, daemon first."""
+) -> Iterator[tuple[int, subprocess.Popen[str], JackDummy]]:
+    """jackd dummy + a daemon process on it; yields (daemon port, process, server). Stops both by PID, daemon
+    first."""
     why = jack_available()
     if why:
         raise typer.BadParameter(f"bench needs JACK: {why}")
@@ -49,7 +50,23 @@ def jack_daemon(
         if bundle is not None:
             args += ["--bundle", str(bundle)]
         with serve_process(args, env=jack.env(), timeout=300) as (port, p):
-            yield port, p
+            yield port, p, jack
+
+
+def xrun_causes(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Server-side xruns between two JackDummy.xruns() readings, by cause (jack module docstring)."""
+    return {
+        "xruns_clock_late": after["clock"] - before["clock"],
+        "xruns_clock_max_late_us": after["clock_max_late_us"],
+        "xruns_graph": after["graph"] - before["graph"],
+    }
+
+
+def format_causes(r: dict[str, Any]) -> str:
+    return (
+        f"JACK: dummy timer late {r['xruns_clock_late']}x, up to {r['xruns_clock_max_late_us']} µs; "
+        f"a client late {r['xruns_graph']}x"
+    )
 
 
 def percentiles(x: list[float]) -> dict[str, float]:
@@ -80,8 +97,8 @@ def run_latency(
 
     rng = random.Random(seed)
     period_ms = 1e3 * blocksize / samplerate
-    with jack_daemon(bundle, samplerate, blocksize, lead) as (port, _), OscClient(port) as c:
-        s0 = c.status()
+    with jack_daemon(bundle, samplerate, blocksize, lead) as (port, _, jack), OscClient(port) as c:
+        s0, x0 = c.status(), jack.xruns()
         gen: list[float] = []
         for i in range(warmup + triggers):
             ms = _one(c, "/soundctm/generate", "gritty 808 snare", 1000 + i, 1)
@@ -95,7 +112,7 @@ def run_latency(
             if i >= warmup:
                 trig.append(ms)
             time.sleep(rng.uniform(0.01, 0.01 + 4 * period_ms / 1e3))
-        s1 = c.status()
+        s1, x1 = c.status(), jack.xruns()
     return {
         "bench": "latency",
         "samplerate": samplerate,
@@ -107,6 +124,7 @@ def run_latency(
         "generate_1step_ms": percentiles(gen),
         "preloaded_trigger_ms": percentiles(trig),
         "underruns": s1["underruns"] - s0["underruns"],
+        **xrun_causes(x0, x1),
         "starved_callbacks": s1["starved_callbacks"] - s0["starved_callbacks"],
         "voice_gaps": s1["voice_gaps"] - s0["voice_gaps"],
         "machine": fingerprint(),
@@ -123,7 +141,8 @@ def format_latency(r: dict[str, Any]) -> str:
         p = r[key]
         lines.append(f"{name:22}{p['n']:>5}{p['p50']:>9.2f}{p['p95']:>9.2f}{p['p99']:>9.2f}{p['max']:>9.2f}")
     lines.append(
-        f"underruns {r['underruns']}, starved callbacks {r['starved_callbacks']}, voice gaps {r['voice_gaps']}"
+        f"underruns {r['underruns']} ({format_causes(r)}), starved callbacks {r['starved_callbacks']}, "
+        f"voice gaps {r['voice_gaps']}"
     )
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ import typer
 
 from soundctm_rt.daemon.client import OscClient
 
-from .latency import jack_daemon, percentiles
+from .latency import format_causes, jack_daemon, percentiles, xrun_causes
 
 
 def _rss_kib(pid: int) -> int:
@@ -37,10 +37,10 @@ def run_soak(
     series: list[dict[str, Any]] = []
     lat: list[float] = []
     fails: list[Any] = []
-    with jack_daemon(bundle, samplerate, blocksize, lead) as (port, proc), OscClient(port) as c:
+    with jack_daemon(bundle, samplerate, blocksize, lead) as (port, proc, jack), OscClient(port) as c:
         c.send("/soundctm/preload", "kick drum", 4)
         c.expect("/soundctm/done", 300)
-        s0 = c.status()
+        s0, x0 = c.status(), jack.xruns()
         t0 = time.monotonic()
         end = t0 + minutes * 60
         next_sample = t0
@@ -55,8 +55,18 @@ def run_soak(
                         "rss_kib": _rss_kib(proc.pid),
                         **{
                             k: s[k] - s0[k]
-                            for k in ("underruns", "starved_callbacks", "starved_frames", "voice_gaps", "completed")
+                            for k in (
+                                "underruns",
+                                "starved_callbacks",
+                                "starved_frames",
+                                "voice_gaps",
+                                "completed",
+                                "gc_collections",
+                                "gc_gen2",
+                            )
                         },
+                        "gc_max_pause_ms": s["gc_max_pause_ms"],
+                        "xruns_clock_late": jack.xruns()["clock"] - x0["clock"],
                     }
                 )
                 next_sample += sample_s
@@ -76,7 +86,7 @@ def run_soak(
                 elif addr == "/soundctm/fail":
                     fails.append(args)
         time.sleep(1.0)
-        s1 = c.status()
+        s1, x1 = c.status(), jack.xruns()
         rss_end = _rss_kib(proc.pid)
     warm = [p["rss_kib"] for p in series if p["t_s"] >= min(60.0, minutes * 30)] or [series[0]["rss_kib"]]
     return {
@@ -90,9 +100,12 @@ def run_soak(
         "jobs_sent": i,
         "failures": len(fails),
         "underruns": s1["underruns"] - s0["underruns"],
+        **xrun_causes(x0, x1),
         "starved_callbacks": s1["starved_callbacks"] - s0["starved_callbacks"],
         "starved_frames": s1["starved_frames"] - s0["starved_frames"],
         "voice_gaps": s1["voice_gaps"] - s0["voice_gaps"],
+        "gc_gen2": s1["gc_gen2"] - s0["gc_gen2"],
+        "gc_max_pause_ms": s1["gc_max_pause_ms"],
         "latency_ms": percentiles(lat) if lat else None,
         "rss_kib_first_warm": warm[0],
         "rss_kib_end": rss_end,
@@ -106,8 +119,10 @@ def format_soak(r: dict[str, Any]) -> str:
     lat = r["latency_ms"] or {}
     return (
         f"soak {r['minutes']} min at {r['rate_per_s']}/s ({r['jobs_sent']} jobs, {r['failures']} failed): "
-        f"underruns {r['underruns']}, starved callbacks {r['starved_callbacks']} ({r['starved_frames']} frames), "
-        f"voice gaps {r['voice_gaps']}; latency p50 {lat.get('p50', float('nan')):.2f} ms "
+        f"underruns {r['underruns']} ({format_causes(r)}), "
+        f"starved callbacks {r['starved_callbacks']} ({r['starved_frames']} frames), "
+        f"voice gaps {r['voice_gaps']}; GC: {r['gc_gen2']} full collections, longest pause "
+        f"{r['gc_max_pause_ms']:.2f} ms; latency p50 {lat.get('p50', float('nan')):.2f} ms "
         f"p99 {lat.get('p99', float('nan')):.2f} ms; RSS {r['rss_kib_first_warm']} -> {r['rss_kib_end']} KiB "
         f"({r['rss_growth_kib_after_warmup']:+d} KiB after warm-up)"
     )

@@ -238,3 +238,53 @@ def test_resume_may_extend_the_steps_but_change_nothing_else():
     assert old["distill"]["steps"] == 600  # the caller's dict is not modified
     merged, ext = _allow_extension(old, {"distill": {"steps": 300, "lr": 8e-5}, "model": {"width": 256}})
     assert merged["distill"]["steps"] == 600 and ext == {}  # fewer steps: still a difference, refused by start()
+
+
+def test_vae_decoder_finetune_keeps_the_latent_space(dataset: Path, vae_run: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from soundctm_rt.train.checkpoint import init_random, swap_vae
+    from soundctm_rt.train.models.config import load_model_config
+    from soundctm_rt.train.vae_decoder_train import train_vae_decoder
+    from soundctm_rt.train.vae_train import load_latent_stats, load_vae_run
+
+    long = train_vae_decoder("tiny", dataset, vae_run, tmp_path / "long", threads=1, steps=60, ckpt_every=60)
+    losses = _losses(long)
+    assert len(losses) == 60 and all(np.isfinite(losses))
+    assert np.mean(losses[-15:]) < np.mean(losses[:15])
+    run = train_vae_decoder("tiny", dataset, vae_run, tmp_path / "dec", threads=1)
+    losses = _losses(run)
+    parent, cfg, parent_id = load_vae_run(vae_run)
+    child, _, child_id = load_vae_run(run)
+    assert child_id != parent_id
+    for k, v in parent.encoder.state_dict().items():
+        assert torch.equal(v, child.encoder.state_dict()[k]), k  # frozen encoder: same latents
+    assert any(not torch.equal(v, child.decoder.state_dict()[k]) for k, v in parent.decoder.state_dict().items()), (
+        "the decoder did not change"
+    )
+    for a, b in zip(load_latent_stats(vae_run), load_latent_stats(run), strict=True):
+        assert torch.equal(a, b)
+    np.testing.assert_array_equal(
+        np.load(dataset / "latents" / parent_id / "latents.npy"),
+        np.load(dataset / "latents" / child_id / "latents.npy"),
+    )
+    assert (run / "report" / "test_metrics.json").is_file()
+    assert json.loads((run / "final" / "parent.json").read_text())["parent_vae_id"] == parent_id
+    assert load_file(str(run / "final" / "vae_fp16.safetensors"))
+
+    # resume equality, like the other stages
+    part = train_vae_decoder("tiny", dataset, vae_run, tmp_path / "part", max_steps=4, threads=1, finalize=False)
+    train_vae_decoder("tiny", dataset, vae_run, part, resume=True, threads=1, finalize=False)
+    a, b = _ckpt(run), _ckpt(part)
+    assert a["step"] == b["step"] == 8 and len(losses) == 8
+    for k, v in a["decoder"].items():
+        assert torch.equal(v, b["decoder"][k]), k
+    assert _losses(part) == losses
+
+    # swap into a model checkpoint of the parent's latent space; a foreign VAE is refused
+    src = init_random(load_model_config("tiny"))
+    mu, std = load_latent_stats(vae_run)
+    src.vae, src.latent_mean, src.latent_std = parent, mu, std
+    swapped = swap_vae(src, child, *load_latent_stats(run), {"vae_id": child_id})
+    assert swapped.vae is child and swapped.provenance["vae_swap"]["vae_id"] == child_id
+    with pytest.raises(ValueError, match="encoder"):
+        swap_vae(src, init_random(cfg, seed=3).vae, mu, std, {})

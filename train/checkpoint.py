@@ -129,3 +129,37 @@ def load_model_checkpoint(path: str | Path) -> ModelSource:
         tensors["latent_std"].float(),
         json.loads(meta.get("provenance", "{}")),
     )
+
+
+def swap_vae(
+    src: ModelSource,
+    vae: VAE,
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    provenance: dict[str, Any],
+    atol: float = 1e-3,
+) -> ModelSource:
+    """The same student with another VAE that shares its latent space (e.g. a `train vae-decoder` run).
+
+    Refused unless the encoders agree (to `atol`, which absorbs the fp16 storage of a checkpoint) and the
+    latent statistics μ_c, std_c (METHOD §5) match to 1e-4 relative: a different latent space would make the
+    student's output meaningless to the new decoder.
+    """
+    if vae.cfg != src.config.vae:
+        raise ValueError(f"the VAE's config {vae.cfg} is not the checkpoint's {src.config.vae}")
+    new_enc = vae.encoder.state_dict()
+    for name, old in src.vae.encoder.state_dict().items():
+        if not torch.allclose(old.float(), new_enc[name].float(), atol=atol, rtol=0):
+            raise ValueError(f"encoder tensor {name} differs: the VAE does not share the checkpoint's latent space")
+    for name, old, new in (("latent_mean", src.latent_mean, latent_mean), ("latent_std", src.latent_std, latent_std)):
+        if not torch.allclose(old.float(), new.float(), rtol=1e-4, atol=1e-6):
+            raise ValueError(f"{name} differs: the VAE does not share the checkpoint's latent statistics")
+    return ModelSource(
+        src.config,
+        src.student,
+        vae.eval(),
+        src.text,
+        src.latent_mean,
+        src.latent_std,
+        {**src.provenance, "vae_swap": provenance},
+    )

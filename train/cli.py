@@ -107,6 +107,53 @@ def vae(
     )
 
 
+@app.command("vae-decoder")
+def vae_decoder(
+    config: str = _CONFIG,
+    data: Path = _DATA,
+    vae: Path = typer.Option(..., "--vae", help="finished `train vae` run whose decoder is fine-tuned"),
+    run: Path = _RUN,
+    max_steps: int = _MAX_STEPS,
+    resume: bool = _RESUME,
+    dry_run: bool = _DRY,
+    threads: int = _THREADS,
+    steps: int = typer.Option(None, "--steps", help="override vae_decoder_train.steps"),
+    batch_size: int = typer.Option(None, "--batch-size", help="override vae_decoder_train.batch_size (global)"),
+    latent_noise: float = typer.Option(None, "--latent-noise", help="override vae_decoder_train.latent_noise"),
+) -> None:
+    """Fine-tune only the decoder of a VAE run on its cached latents: the encoder, the latents and every model
+    trained on them stay valid (swap it into a model checkpoint with `train swap-vae`)."""
+    from .vae_decoder_train import resolve, train_vae_decoder
+
+    overrides = {"steps": steps, "batch_size": batch_size, "latent_noise": latent_noise}
+    if dry_run:
+        typer.echo(json.dumps(resolve(config, data, vae, **overrides)[1], indent=2))
+        return
+    train_vae_decoder(config, data, vae, run, max_steps=max_steps, resume=resume, threads=threads, **overrides)
+
+
+@app.command("swap-vae")
+def swap_vae_cmd(
+    checkpoint: Path = typer.Argument(..., help="model checkpoint (`train distill` or teacher final)"),
+    vae: Path = typer.Option(..., "--vae", help="VAE run sharing the checkpoint's latent space (`train vae-decoder`)"),
+    out: Path = typer.Option(..., "-o", "--out", help="checkpoint to write (fp16)"),
+) -> None:
+    """Put a fine-tuned decoder into a model checkpoint: same encoder and latent statistics, new decoder."""
+    from .checkpoint import load_model_checkpoint, save_model_checkpoint, swap_vae
+    from .vae_train import load_latent_stats, load_vae_run
+
+    _setup_logging()
+    src = load_model_checkpoint(checkpoint)
+    vae_model, _, vae_id = load_vae_run(vae)
+    mu, std = load_latent_stats(vae)
+    try:
+        swapped = swap_vae(src, vae_model, mu, std, {"vae_run": str(vae.resolve()), "vae_id": vae_id})
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    save_model_checkpoint(out, swapped)
+    typer.echo(f"{out}: student of {checkpoint} with the VAE of {vae} ({vae_id})")
+
+
 @app.command("vae-finalize")
 def vae_finalize(data: Path = _DATA, run: Path = _RUN, threads: int = _THREADS) -> None:
     """(Re)compute a finished VAE run's latent cache, statistics and test report."""

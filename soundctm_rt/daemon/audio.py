@@ -8,9 +8,11 @@ by reading perf_counter, stream.time, perf_counter back to back and keeping the 
 tries (error <= half that bracket, typically a few microseconds); the mixer re-syncs every second, so drift
 between the clocks does not accumulate. `to_perf(t_stream) = t_stream + offset`.
 
-The callback (`DeviceOutput._callback`) does one thing: `ring.read_into(outdata, flags, dac_time)` — a single
-numba call that copies, zero-fills and counts. It allocates no Python objects of its own; sounddevice's
-glue wraps each buffer in a fresh ndarray before calling it, which is outside this module's control.
+The device callback is not Python: PortAudio calls `ring.pa_output_callback`, a numba `cfunc`, with the ring's
+arrays passed as addresses in its userdata. It copies, zero-fills and counts, exactly like `Ring.read_into`,
+without the interpreter: no GIL to wait for, no objects allocated (sounddevice's Python callback wrapper would
+build an ndarray and a CallbackFlags object per block, and need the GIL to do it). The stream is opened through
+sounddevice's `_StreamBase` with a function pointer, the extension point python-rtmixer uses for its C callback.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .ring import Ring
+from .ring import Ring, pa_output_callback
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +61,21 @@ class DeviceOutput:
         try:
             if device is None:
                 sd.query_devices(kind="output")
-            self.stream = sd.OutputStream(
+            # the userdata block and the arrays it points to live as long as self.ring
+            self.stream = sd._StreamBase(
+                kind="output",
                 samplerate=samplerate,
                 blocksize=blocksize,
                 channels=channels,
                 dtype="float32",
                 device=device,
                 latency="low",
-                callback=self._callback,
+                callback=sd._ffi.cast("PaStreamCallback*", pa_output_callback.address),
+                userdata=sd._ffi.cast("void*", ring.callback_userdata(channels)),
             )
         except (sd.PortAudioError, ValueError) as e:
             sd._terminate()
             raise NoAudioDevice(NO_DEVICE_HINT.format(why=str(e).splitlines()[0])) from None
-
-    def _callback(self, outdata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
-        self.ring.read_into(outdata, status._flags, time_info.currentTime, time_info.outputBufferDacTime)
 
     @property
     def latency(self) -> float:

@@ -5,16 +5,26 @@ ahead, not two; `-w` must equal the period in microseconds, or the dummy driver 
 cycle and the "clock" runs slow. A named server (-n) keeps several runs apart; clients find it through
 JACK_DEFAULT_SERVER. JACK_NO_AUDIO_RESERVATION=1 skips the D-Bus device reservation (no session bus here).
 Start jackd before the process that imports sounddevice; stop that process (PortAudio terminated) first.
+
+Every JACK xrun reaches a PortAudio client as an output underflow, whoever caused it, so the server's log is
+kept and `xruns()` tells them apart: "JackTimedDriver::Process XRun = N usec" is the dummy driver's own timer
+waking N µs late (the clock, not any client: a busy or virtualised machine delays even a SCHED_FIFO thread),
+any other xrun or process error is the graph's (a client did not finish its cycle in time).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
+
+CLOCK_XRUN = re.compile(r"JackTimedDriver::Process XRun = (\d+) usec")
+GRAPH_XRUN = re.compile(r"XRun|not finished|process error|ProcessGraph.*error", re.IGNORECASE)
 
 
 class JackError(RuntimeError):
@@ -35,7 +45,7 @@ class JackDummy:
         period: frames per cycle.
         name: server name (clients: JACK_DEFAULT_SERVER=name).
         realtime: -R (SCHED_FIFO when permitted) or -r (no realtime scheduling).
-        log_path: where jackd's output goes.
+        log_path: where jackd's output goes (default: a temporary file, removed by __exit__).
     """
 
     def __init__(
@@ -50,6 +60,11 @@ class JackDummy:
         self.period = period
         self.name = name or f"soundctm{os.getpid()}"
         self.realtime = realtime
+        self._own_log = log_path is None
+        if log_path is None:
+            fd, tmp = tempfile.mkstemp(prefix="jackd-", suffix=".log")
+            os.close(fd)
+            log_path = Path(tmp)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -79,8 +94,8 @@ class JackDummy:
             "-w",
             str(usecs),
         ]
-        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env())
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env())
         try:
             subprocess.run(
                 ["jack_wait", "-w", "-s", self.name, "-t", str(int(timeout))],
@@ -106,11 +121,24 @@ class JackDummy:
             self.proc.kill()
             self.proc.wait(timeout=5)
 
+    def xruns(self) -> dict[str, float]:
+        """Xruns in the server's log so far: `clock` (the dummy driver woke late), `clock_max_late_us`, and
+        `graph` (a client missed its cycle, or another process error)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return {"clock": 0, "clock_max_late_us": 0, "graph": 0}
+        late = [int(m) for m in CLOCK_XRUN.findall(text)]
+        graph = sum(1 for line in text.splitlines() if GRAPH_XRUN.search(line) and not CLOCK_XRUN.search(line))
+        return {"clock": len(late), "clock_max_late_us": max(late, default=0), "graph": graph}
+
     def __enter__(self) -> JackDummy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if self._own_log:
+            self.log_path.unlink(missing_ok=True)
 
 
 def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float) -> str:

@@ -5,21 +5,24 @@ a slot with a bit mask. Positions are absolute frame counts (int64, they never w
 is millions of years of audio), so `write - read` is the fill level and a frame keeps its identity: the mixer
 can ask "when did frame W reach the DAC?" and the callback log answers.
 
-Both sides run as one numba-compiled call each (`_ring_write`, `_ring_read`) that copies, then publishes its
-index. Concurrency assumption, stated plainly: this relies on CPython's GIL. numba functions compiled without
-`nogil` keep holding the GIL for their whole call, so a write (copy + index store) and a read (copy + index
-store + counters + log entry) can never interleave; each is atomic with respect to the other. On a
-free-threaded (no-GIL) interpreter this would need release/acquire ordering on the index stores; do not
-compile these with `nogil=True` without adding it.
+Both sides are numba-compiled (`_ring_write`, `_ring_read`): copy, then publish the index. The device's
+reader is `pa_output_callback`, a C-callable function (numba `cfunc`) that PortAudio calls directly: it never
+touches the Python interpreter, so it needs no GIL and cannot be held up by a thread that has it (a collection,
+the worker's Python glue, a descheduled GIL holder on a busy core). Ordering between the two sides is by
+explicit memory fences, not by the GIL: the writer fences between its copy and the store of WRITE, the reader
+fences after loading WRITE and again before its store of READ (release/acquire on every architecture numba
+targets). Positions are aligned int64 stores and loads, single-copy atomic on x86-64 and AArch64.
 
-The reader (the audio callback) only copies, zero-fills when the ring runs dry and counts; it allocates no
-Python objects (tests/test_ring_alloc.py proves it with tracemalloc), takes no locks, logs nothing, does no I/O.
+The reader only copies, zero-fills when the ring runs dry and counts; it allocates nothing, takes no locks,
+logs nothing, does no I/O (tests/test_ring_alloc.py checks the compiled callback's code for calls).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # Slots of the shared int64 state vector.
 WRITE = 0  # absolute frame position of the next frame the writer will publish
@@ -34,6 +37,27 @@ LOG_SIZE = 4096  # callback log entries kept (power of two): about 22 s of 256-f
 PA_OUTPUT_UNDERFLOW = 0x4  # paOutputUnderflow in PortAudio's PaStreamCallbackFlags
 
 
+@intrinsic
+def _fence(typingctx):  # pragma: no cover - compiled
+    """A sequentially consistent memory fence (LLVM `fence seq_cst`)."""
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def _voidptr(typingctx, address):  # pragma: no cover - compiled
+    """An integer address as a void pointer (for arrays handed to the C callback as addresses)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.int64), codegen
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (n >= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -45,6 +69,7 @@ def _ring_write(buf, state, src):  # pragma: no cover - compiled
     mask = cap - 1
     w = state[WRITE]
     space = cap - (w - state[READ])
+    _fence()  # the reader's READ store (after its copy) happens-before our overwrite of those slots
     n = src.shape[0]
     if n > space:
         n = space
@@ -53,7 +78,8 @@ def _ring_write(buf, state, src):  # pragma: no cover - compiled
         j = (w + i) & mask
         for c in range(ch):
             buf[j, c] = src[i, c]
-    state[WRITE] = w + n  # publish after the copy
+    _fence()  # the copy is visible before the index that publishes it
+    state[WRITE] = w + n
     return n
 
 
@@ -66,6 +92,7 @@ def _ring_read(buf, state, out, flags, now, dac_time, log_pos, log_n, log_now, l
     frames = out.shape[0]
     r = state[READ]
     avail = state[WRITE] - r
+    _fence()  # the frames the WRITE index published are visible before we copy them
     n = frames
     if avail < n:
         n = avail
@@ -89,8 +116,37 @@ def _ring_read(buf, state, out, flags, now, dac_time, log_pos, log_n, log_now, l
         state[STARVED_FRAMES] += frames - n
     if flags & PA_OUTPUT_UNDERFLOW:
         state[UNDERRUNS] += 1
-    state[READ] = r + n  # publish after the copy
+    _fence()  # the copy and the log entry are complete before the indices that release them
+    state[READ] = r + n
     state[CALLBACKS] = k + 1
+
+
+# userdata of the C callback: addresses and shapes of the ring's arrays (Ring.userdata)
+UD_BUF, UD_STATE, UD_LOG_POS, UD_LOG_N, UD_LOG_NOW, UD_LOG_DAC, UD_CAP, UD_CH, UD_OUT_CH, UD_LOG_SIZE = range(10)
+N_UD = 10
+PA_CONTINUE = 0
+
+
+# int callback(const void *input, void *output, unsigned long frameCount,
+#              const PaStreamCallbackTimeInfo *timeInfo, PaStreamCallbackFlags statusFlags, void *userData)
+# PaStreamCallbackTimeInfo is three doubles: inputBufferAdcTime, currentTime, outputBufferDacTime.
+PA_CALLBACK_SIG = types.int32(types.voidptr, types.voidptr, types.uint64, types.voidptr, types.uint64, types.voidptr)
+
+
+@cfunc(PA_CALLBACK_SIG, cache=True)
+def pa_output_callback(inp, outp, frames, time_info, flags, userdata):  # pragma: no cover - compiled
+    ud = carray(userdata, (N_UD,), np.int64)
+    buf = carray(_voidptr(ud[UD_BUF]), (ud[UD_CAP], ud[UD_CH]), np.float32)
+    state = carray(_voidptr(ud[UD_STATE]), (N_STATE,), np.int64)
+    n_log = ud[UD_LOG_SIZE]
+    log_pos = carray(_voidptr(ud[UD_LOG_POS]), (n_log,), np.int64)
+    log_n = carray(_voidptr(ud[UD_LOG_N]), (n_log,), np.int64)
+    log_now = carray(_voidptr(ud[UD_LOG_NOW]), (n_log,), np.float64)
+    log_dac = carray(_voidptr(ud[UD_LOG_DAC]), (n_log,), np.float64)
+    out = carray(outp, (frames, ud[UD_OUT_CH]), np.float32)
+    t = carray(time_info, (3,), np.float64)
+    _ring_read(buf, state, out, flags, t[1], t[2], log_pos, log_n, log_now, log_dac)
+    return PA_CONTINUE
 
 
 @njit(cache=True)
@@ -128,6 +184,22 @@ class Ring:
         self.log_n = np.zeros(LOG_SIZE, dtype=np.int64)
         self.log_now = np.zeros(LOG_SIZE, dtype=np.float64)
         self.log_dac = np.zeros(LOG_SIZE, dtype=np.float64)
+        self.userdata = np.zeros(N_UD, dtype=np.int64)  # for the C callback; set by callback_userdata()
+
+    def callback_userdata(self, out_channels: int) -> int:
+        """Address of the userdata block that `pa_output_callback` reads (valid while this Ring lives)."""
+        ud = self.userdata
+        for slot, arr in (
+            (UD_BUF, self.buf),
+            (UD_STATE, self.state),
+            (UD_LOG_POS, self.log_pos),
+            (UD_LOG_N, self.log_n),
+            (UD_LOG_NOW, self.log_now),
+            (UD_LOG_DAC, self.log_dac),
+        ):
+            ud[slot] = arr.ctypes.data
+        ud[UD_CAP], ud[UD_CH], ud[UD_OUT_CH], ud[UD_LOG_SIZE] = self.capacity, self.channels, out_channels, LOG_SIZE
+        return int(ud.ctypes.data)
 
     @property
     def capacity(self) -> int:

@@ -14,6 +14,7 @@ enqueue; they never run inference; every problem ends in `/soundctm/fail <comman
 from __future__ import annotations
 
 import collections
+import gc
 import ipaddress
 import logging
 import math
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import addresses as A
+from .gcwatch import GCWatch, freeze_startup_heap
 from .osc import MAX_DATAGRAM, OscError, decode_packet, encode_message, peek_address
 from .worker import Job, TakeCache, Worker
 
@@ -106,6 +108,7 @@ class Daemon:
         self.started_at = time.monotonic()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.gc = GCWatch()
 
     # --- replies ---
     def reply(self, client: tuple[str, int] | None, address: str, *args: Any) -> None:
@@ -282,6 +285,7 @@ class Daemon:
             s.update(self.ring.counters())
         if self.mixer is not None:
             s["voice_gaps"] = self.mixer.voice_gaps
+        s.update(self.gc.counters())
         return s
 
     def status_args(self) -> list[Any]:
@@ -323,11 +327,16 @@ class Daemon:
         from .mixer import resample
 
         resample(np.zeros(64, dtype=np.float32), self.engine.sample_rate, self.cfg.samplerate)  # compile (numba)
-        self.worker.start()
         if self.output is not None:
             assert self.mixer is not None and self.ring is not None
             self.ring.warmup()
             self.mixer.mix(self.cfg.blocksize)  # first-call costs out of the way
+        # after every start-up allocation: later collections scan only new objects (gcwatch module docstring)
+        log.info("froze %d start-up objects out of the collector's way", freeze_startup_heap())
+        self.gc.install()
+        self.worker.start()
+        if self.output is not None:
+            assert self.mixer is not None
             self.mixer.step()  # publish the first lead of silence before the stream starts
             self.mixer.start()
             self.output.start()
@@ -343,6 +352,8 @@ class Daemon:
         if self._stop.is_set():
             return
         self._stop.set()
+        self.gc.uninstall()
+        gc.unfreeze()  # hand the start-up objects back to the collector (matters when embedded, e.g. in tests)
         for t in self._threads:
             t.join(timeout=0.5)
         self.worker.stop(timeout=0.5)

@@ -231,6 +231,7 @@ class Worker:
             raise ValueError(f"unknown job {job.command}")
 
     def run(self) -> None:
+        lower_thread_priority(WORKER_NICE)
         while not self._stop.is_set():
             try:
                 job = self.jobs.get(timeout=0.1)
@@ -259,6 +260,21 @@ class Worker:
             self.current.cancelled = True
         if self._thread is not None:
             self._thread.join(timeout=timeout)
+
+
+# The worker's inference (onnxruntime runs a 1-thread session in the calling thread) yields the CPU to the mixer
+# thread, which has one block of slack, and to the OSC thread: raising a thread's nice value needs no privilege.
+WORKER_NICE = 10
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Raise the calling thread's nice value by `nice` (Linux: per thread); False where the OS has no such call."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        return True
+    except (AttributeError, OSError):  # not Linux/BSD, or refused
+        return False
 
 
 class _Stopped(Exception):
