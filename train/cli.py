@@ -279,11 +279,14 @@ def distill(
     batch_size: int = typer.Option(None, "--batch-size", help="override [distill].batch_size (global)"),
     distance: str = typer.Option(None, "--distance", help="override [distill].distance: teacher_features | l2"),
     max_n: int = typer.Option(None, "--max-n", help="override [distill].max_n (0 = N-1)"),
+    ema_decay: float = typer.Option(
+        None, "--ema-decay", help="override [distill].ema_decay, μ of the target θ⁻ (METHOD §3.6 says 0.999)"
+    ),
 ) -> None:
     """Distil the teacher into a SoundCTM student (METHOD §3); ends with final/student_model.safetensors."""
     from .distill_train import resolve, train_distill
 
-    over = {"steps": steps, "batch_size": batch_size, "distance": distance, "max_n": max_n}
+    over = {"steps": steps, "batch_size": batch_size, "distance": distance, "max_n": max_n, "ema_decay": ema_decay}
     if dry_run:
         typer.echo(json.dumps(resolve(config, teacher_run, data, **over)[2], indent=2))
         return
