@@ -47,6 +47,7 @@ from .data import ClipDataset, cache_latents
 from .loop import (
     EMA,
     DistEnv,
+    IntervalMeans,
     RunDir,
     apply_overrides,
     barrier,
@@ -54,7 +55,6 @@ from .loop import (
     configure_logging,
     init_distributed,
     local_batch_size,
-    mean_across,
     progress_bar,
     shard,
     shutdown,
@@ -348,8 +348,7 @@ def _fit(
         env.world,
     )
     bar = progress_bar(end_step, step, env, "distill")
-    t_last, n_last = time.time(), step
-    acc: dict[str, float] = {}
+    means = IntervalMeans(step)
     for k, idx in make_batches(train_idx, dcfg.batch_size, env, dcfg.seed, step, end_step):
         d = draw(dcfg, model_cfg.edm, dcfg.batch_size, c, T, step_generator(dcfg.seed, k)).local(env)
         x0 = normalise(torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)), mu, std)
@@ -363,16 +362,13 @@ def _fit(
         metrics = iteration(lossmod, student, teacher, ema, opt, x0.to(dev), cond, uncond, d, grid, timer)
         metrics["iteration_s"] = time.perf_counter() - t0
         metrics.update({f"time_{p}": v for p, v in timer.seconds.items()})
-        for name, v in metrics.items():
-            acc[name] = acc.get(name, 0.0) + v
+        means.add(metrics)
         bar.update(1)
         if k % dcfg.log_every == 0 or k == end_step:
-            n, dt = k - n_last, time.time() - t_last
-            rec = mean_across({name: v / n for name, v in acc.items()}, env)
-            rec.update(step=k, lr=dcfg.lr, steps_per_s=n / dt, clips_per_s=n * local_b * env.world / dt)
+            rec = means.record(k, env)
+            rec.update(lr=dcfg.lr, clips_per_s=rec["steps_per_s"] * local_b * env.world)
             rd.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            acc, t_last, n_last = {}, time.time(), k
         if k % dcfg.ckpt_every == 0 or k == end_step:
             rd.save_checkpoint(
                 {

@@ -208,6 +208,31 @@ class EMA:
 # ------------------------------------------------------------------------------------------- run directory
 
 
+class IntervalMeans:
+    """The quantities a stage logs, summed per step since the last log record.
+
+    `record(step, env)` turns the sums into means (averaged across ranks), adds `step` and the interval's
+    `steps_per_s`, and starts the next interval.
+    """
+
+    def __init__(self, step: int) -> None:
+        self._sums: dict[str, float] = {}
+        self._step = step
+        self._t = time.time()
+
+    def add(self, values: dict[str, Any]) -> None:
+        """Add one step's values (floats or 0-d tensors)."""
+        for name, v in values.items():
+            self._sums[name] = self._sums.get(name, 0.0) + float(v)
+
+    def record(self, step: int, env: DistEnv) -> dict[str, float]:
+        n, dt = step - self._step, time.time() - self._t
+        rec = mean_across({name: v / n for name, v in self._sums.items()}, env)
+        rec.update(step=step, steps_per_s=n / dt)
+        self._sums, self._step, self._t = {}, step, time.time()
+        return rec
+
+
 class RunDir:
     """A run directory: resolved config, JSON-lines log, checkpoints, samples, final weights (rank 0)."""
 

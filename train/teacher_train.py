@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from .edm import karras_sigmas
 from .loop import (
     EMA,
     DistEnv,
+    IntervalMeans,
     RunDir,
     apply_overrides,
     barrier,
@@ -44,7 +44,6 @@ from .loop import (
     init_distributed,
     local_batch_size,
     lr_at,
-    mean_across,
     progress_bar,
     save_safetensors,
     shard,
@@ -266,8 +265,7 @@ def _fit(
     )
 
     bar = progress_bar(end_step, step, env, "teacher")
-    t_last, n_last = time.time(), step
-    acc: dict[str, float] = {}
+    means = IntervalMeans(step)
     for k, idx in make_batches(train_idx, tcfg.batch_size, env, tcfg.seed, step, end_step):
         gen = step_generator(tcfg.seed, k)
         drop = shard(torch.rand(tcfg.batch_size, generator=gen) < tcfg.caption_dropout, env)
@@ -288,21 +286,13 @@ def _fit(
         ema.update(denoiser)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite teacher loss at step {k}")
-        acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
-        acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(gnorm)
+        means.add({"loss": loss, "grad_norm": gnorm})
         bar.update(1)
         if k % tcfg.log_every == 0 or k == end_step:
-            n, dt = k - n_last, time.time() - t_last
-            rec = mean_across({name: v / n for name, v in acc.items()}, env)
-            rec.update(
-                step=k,
-                lr=opt.param_groups[0]["lr"],
-                steps_per_s=n / dt,
-                clips_per_s=n * local_b * env.world / dt,
-            )
+            rec = means.record(k, env)
+            rec.update(lr=opt.param_groups[0]["lr"], clips_per_s=rec["steps_per_s"] * local_b * env.world)
             rd.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            acc, t_last, n_last = {}, time.time(), k
         if k % tcfg.ckpt_every == 0 or k == end_step:
             rd.save_checkpoint(
                 {

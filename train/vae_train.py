@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from .data import ClipDataset, cache_latents
 from .loop import (
     EMA,
     DistEnv,
+    IntervalMeans,
     RunDir,
     apply_overrides,
     build_table,
@@ -38,7 +38,6 @@ from .loop import (
     init_distributed,
     local_batch_size,
     lr_at,
-    mean_across,
     progress_bar,
     save_safetensors,
     shard,
@@ -212,8 +211,7 @@ def _fit(
         )
 
     bar = progress_bar(end_step, step, env, "vae")
-    t_last, n_last = time.time(), step
-    acc: dict[str, float] = {}
+    means = IntervalMeans(step)
     for k, idx in make_batches(train_idx, tcfg.batch_size, env, tcfg.seed, step, end_step):
         gen = step_generator(tcfg.seed, k)
         u = shard(torch.rand(tcfg.batch_size, generator=gen), env)
@@ -230,22 +228,16 @@ def _fit(
             ema.update(vae)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite VAE loss at step {k}")
-        for name, v in {"loss": loss, **parts, "grad_norm": gnorm}.items():
-            acc[name] = acc.get(name, 0.0) + float(v.detach())
+        means.add({"loss": loss, **parts, "grad_norm": gnorm})
         bar.update(1)
         if k % tcfg.log_every == 0 or k == end_step:
-            n = k - n_last
-            dt = time.time() - t_last
-            rec = mean_across({name: v / n for name, v in acc.items()}, env)
+            rec = means.record(k, env)
             rec.update(
-                step=k,
                 lr=opt.param_groups[0]["lr"],
-                steps_per_s=n / dt,
-                audio_s_per_s=n * local_b * env.world * seg / ds.sample_rate / dt,
+                audio_s_per_s=rec["steps_per_s"] * local_b * env.world * seg / ds.sample_rate,
             )
             rd.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            acc, t_last, n_last = {}, time.time(), k
         if k % tcfg.sample_every == 0 and env.is_main:
             _validate(copy.deepcopy(ema.model if ema is not None else vae).cpu(), ds, rd, k, tcfg.eval_clips)
         if k % tcfg.ckpt_every == 0 or k == end_step:
