@@ -177,3 +177,24 @@ def test_reconstruction_embedding_report_and_verdict(distill_dataset: Path):  # 
     assert rep["identity"]["probe_accuracy"] == rep["real_test"]["probe_accuracy"]
     assert rep["noise"]["kid_x1e3"] > rep["identity"]["kid_x1e3"]
     assert adoption_verdict(rep, "noise", ["identity"])["adopt"] is False
+
+
+def test_baseline_sweep_cli_orders_the_pca_codes_by_rate(distill_dataset: Path, tmp_path: Path):  # noqa: F811
+    """`train baseline-sweep`: every k is measured with its rate, and a bad --components is refused."""
+    from soundctm_rt.train.cli import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "sweep.json"
+    args = ["baseline-sweep", "--data", str(distill_dataset), "--json", str(out), "--embedding", "logmel"]
+    r = CliRunner().invoke(app, [*args, "--components", "2,8", "--max-train-clips", "0", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    names = ["baseline_mel_pca2_griffin_lim32", "baseline_mel_pca8_griffin_lim32", "baseline_mel128_griffin_lim32"]
+    assert set(rep) >= {"real_test", "config", *names}
+    rates = [rep["numbers_per_s"][n] for n in names]
+    assert rates == sorted(rates) and rates[2] == pytest.approx(128 * 44100 / 512)
+    for n in names:  # measured, not copied: each code reconstructs differently (6 fixture clips are too few to rank)
+        assert np.isfinite(rep[n]["fd"]) and 0.0 <= rep[n]["probe_accuracy"] <= 1.0
+    assert len({rep[n]["fd"] for n in names}) == 3
+    bad = CliRunner().invoke(app, [*args, "--components", "0,x"])
+    assert bad.exit_code == 2 and "--components" in bad.output and not (tmp_path / "x.json").exists()

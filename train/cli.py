@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -208,6 +209,53 @@ def vae_embedding_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(json.dumps(report, indent=2))
+
+
+@app.command("baseline-sweep")
+def baseline_sweep(
+    data: Path = _DATA,
+    json_path: Path = typer.Option(..., "--json", help="write the sweep here"),
+    components: str = typer.Option(
+        "16,24,32,48,64,96", "--components", help="k values of the mel-PCA-k + Griffin-Lim codes"
+    ),
+    embedding: str = typer.Option("birdnet", "--embedding", help="birdnet | logmel | auto"),
+    max_train_clips: int = typer.Option(800, "--max-train-clips", help="real training clips: reference set and probe"),
+    threads: int = _THREADS,
+) -> None:
+    """How dense must a latent be to pass the adoption test? The no-training mel-PCA-k codes (k numbers per
+    86 Hz mel frame, so k·86 numbers per second) beside mel128 + Griffin-Lim, in the evaluation embedding. A
+    learned VAE at the same number of latent numbers per second should beat the PCA code of that rate."""
+    import torch
+
+    from .birdnet import make_embedding
+    from .data import ClipDataset
+    from .recon_embedding import embedding_report
+    from .report import MelPCA, griffin_lim_from_mel
+
+    ks = _positive_ints(components, "--components")
+    _setup_logging()
+    if threads:
+        torch.set_num_threads(threads)
+    ds = ClipDataset(data)
+    methods: dict[str, Any] = {f"baseline_mel_pca{k}_griffin_lim32": MelPCA(ds, k) for k in ks}
+    methods["baseline_mel128_griffin_lim32"] = lambda y: griffin_lim_from_mel(y, ds.sample_rate)
+    report = embedding_report(methods, ds, make_embedding(embedding, threads=threads or 1), max_train_clips)
+    report["numbers_per_s"] = {f"baseline_mel_pca{k}_griffin_lim32": k * ds.sample_rate / MelPCA.hop for k in ks} | {
+        "baseline_mel128_griffin_lim32": MelPCA.n_mels * ds.sample_rate / MelPCA.hop
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(json.dumps(report, indent=2))
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{text!r}: give at least one integer, all >= 1", param_hint=option)
+    return values
 
 
 @app.command()

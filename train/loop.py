@@ -223,6 +223,8 @@ class IntervalMeans:
     def add(self, values: dict[str, Any]) -> None:
         """Add one step's values (floats or 0-d tensors)."""
         for name, v in values.items():
+            # detach: the loss parts still carry their graph, and float() of such a tensor warns
+            v = v.detach() if isinstance(v, torch.Tensor) else v
             self._sums[name] = self._sums.get(name, 0.0) + float(v)
 
     def record(self, step: int, env: DistEnv) -> dict[str, float]:
