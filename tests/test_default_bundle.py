@@ -43,7 +43,7 @@ def test_default_model_makes_a_sound(default_bundle, backend):
 
     before = sorted(p for p in default_bundle.root.rglob("*"))
     eng = Engine(default_bundle.root, backend=backend)
-    audio, _ = eng.generate("Roland TR-808 kick drum", seed=0)  # the bundle's default: 2 steps
+    audio, _ = eng.generate("Roland TR-808 kick drum", seed=0)  # the bundle's default step count (1)
     # nothing is written into the bundle (installed, it lives in site-packages): caches go to the user's cache
     assert sorted(p for p in default_bundle.root.rglob("*")) == before
     assert eng.sample_rate == 44100
