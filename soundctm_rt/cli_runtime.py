@@ -51,6 +51,12 @@ def generate(
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="With --intensity: student checkpoint (default: models/student_model.safetensors)."
     ),
+    strength: float = typer.Option(
+        1.0,
+        "--control-strength",
+        help="With --intensity: scales both methods' step sizes. 1 keeps the prompt's sound on the test prompts "
+        "(docs/control.md); more follows the curve closer and changes the sound more.",
+    ),
 ) -> None:
     """Generate sound from a text prompt and write WAV files."""
     import soundfile as sf
@@ -61,8 +67,8 @@ def generate(
         raise _fail(f"--subtype must be PCM_16, PCM_24 or FLOAT, not {fmt!r}")
     if output.suffix.lower() != ".wav" and not (variations > 1 and (output.is_dir() or output.suffix == "")):
         raise _fail(f"--output must end in .wav (or be a folder with --variations), got {output}")
-    if intensity is None and (checkpoint is not None or control != "noise-opt"):
-        raise _fail("--control and --checkpoint only apply with --intensity")
+    if intensity is None and (checkpoint is not None or control != "noise-opt" or strength != 1.0):
+        raise _fail("--control, --control-strength and --checkpoint only apply with --intensity")
     if intensity is not None:  # METHOD §6 control differentiates through the torch student: imported only here
         if bundle is not None or backend != "onnxruntime" or device != "cpu":
             raise _fail(
@@ -85,6 +91,7 @@ def generate(
             threads,
             fmt,
             json_out,
+            strength,
         )
         return
     try:

@@ -57,6 +57,34 @@ def test_intensity_landmarks_and_gradient():
     assert C.db_rmse(level, target, torch.tensor([True, True, False])).item() == pytest.approx(np.sqrt(8))
 
 
+def test_level_and_shape_split():
+    """A gain moves every frame's intensity by its dB; the shape-only loss ignores it; with_level meets the
+    target's mean level, within its ±30 dB limit."""
+    rng = np.random.default_rng(0)
+    y = torch.from_numpy((rng.standard_normal((2, 8 * 1024)) * 0.01).astype(np.float32))
+    level = C.intensity_db(y, 1024)
+    np.testing.assert_allclose(C.intensity_db(y * 10 ** (6 / 20), 1024).numpy(), level.numpy() + 6, atol=1e-3)
+    target = level + torch.tensor([[4.0], [-50.0]]) + torch.linspace(-3, 3, level.shape[1])
+    torch.testing.assert_close(C.intensity_loss(level + 7.0, target, shape_only=True),
+                               C.intensity_loss(level, target, shape_only=True))  # fmt: skip
+    assert torch.all(C.intensity_loss(level, target, shape_only=True) < C.intensity_loss(level, target))
+    scaled, gain = C.with_level(y, target, 1024)
+    np.testing.assert_allclose(gain.numpy(), [4.0, -C.MAX_LEVEL_GAIN_DB], atol=1e-3)
+    assert abs(C.level_offset(C.intensity_db(scaled, 1024), target)[0].item()) < 1e-3
+
+
+def test_timbre_profile_ignores_level_and_envelope():
+    rng = np.random.default_rng(1)
+    noise = torch.from_numpy(rng.standard_normal((1, 32 * 1024)).astype(np.float32))
+    low = torch.from_numpy(np.convolve(noise[0].numpy(), np.ones(32) / 32, "same").astype(np.float32))[None]
+    p = C.timbre_profile(noise, 44100)
+    assert p.shape == (1, C.TIMBRE_BANDS)
+    env = torch.linspace(0.01, 1.0, noise.shape[1])[None]  # a fade-in: same sound, another envelope
+    assert (C.timbre_profile(noise * 0.01, 44100) - p).abs().max() < 1e-3
+    assert (C.timbre_profile(noise * env, 44100) - p).pow(2).mean() < 0.5
+    assert (C.timbre_profile(low, 44100) - p).pow(2).mean() > 20  # another sound: another profile
+
+
 def test_presets_fit_the_clip():
     D = 64 * 1024 / 44100
     for name in cc.PRESETS:
@@ -140,31 +168,39 @@ def tiny(tmp_path_factory):
     return src, path, jump, target, eps, noises
 
 
-def _err(src, x0, target):
+def _err(src, x0, target, shape_only=False):
     with torch.no_grad():
-        return C.db_rmse(C.decoded_intensity(src, x0), target)
+        return C.intensity_loss(C.decoded_intensity(src, x0), target, shape_only=shape_only).sqrt()
 
 
-def test_noise_optimisation_lowers_the_error(tiny):
+# each method, as configured (absolute level; shape + gain; with the timbre anchor), lowers the error it targets
+SETTINGS = [{}, {"match_level": True}, {"timbre_weight": 1.0}]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["absolute", "match_level", "timbre"])
+def test_noise_optimisation_lowers_the_error(tiny, settings):
     src, _, jump, target, eps, noises = tiny
-    cfg = C.ControlConfig(noise_iterations=12)
+    cfg = C.ControlConfig(noise_iterations=12, **settings)
+    shape = cfg.match_level
     for steps in (1, 2):
-        base = _err(src, C.sample_uncontrolled(src, jump, eps, noises, steps, 0.0).x0, target)
+        base = _err(src, C.sample_uncontrolled(src, jump, eps, noises, steps, 0.0).x0, target, shape)
         res = C.sample_noise_optimised(src, jump, eps, target, steps, cfg)
-        assert torch.all(_err(src, res.x0, target) < base), (steps, base)
+        assert torch.all(_err(src, res.x0, target, shape) < base), (steps, base)
     # the optimised noise stays on the sphere of a typical Gaussian draw, and the one-step loss falls
     n = eps[0].numel()
     np.testing.assert_allclose(res.eps_T.flatten(1).norm(dim=1).numpy(), np.sqrt(n), rtol=1e-5)
     assert len(res.loss_trace) == 12 and np.all(np.array(res.loss_trace[-1]) < np.array(res.loss_trace[0]))
 
 
-def test_loss_guidance_lowers_the_error(tiny):
+@pytest.mark.parametrize("settings", SETTINGS, ids=["absolute", "match_level", "timbre"])
+def test_loss_guidance_lowers_the_error(tiny, settings):
     src, _, jump, target, eps, noises = tiny
-    cfg = C.ControlConfig(guidance_iterations=2)
+    cfg = C.ControlConfig(guidance_iterations=2, **settings)
+    shape = cfg.match_level
     for gamma in (0.0, 0.5):
-        base = _err(src, C.sample_uncontrolled(src, jump, eps, noises, 4, gamma).x0, target)
+        base = _err(src, C.sample_uncontrolled(src, jump, eps, noises, 4, gamma).x0, target, shape)
         res = C.sample_loss_guided(src, jump, eps, noises, target, 4, gamma, cfg)
-        assert torch.all(_err(src, res.x0, target) < base), (gamma, base)
+        assert torch.all(_err(src, res.x0, target, shape) < base), (gamma, base)
     # without nudges, loss guidance is the uncontrolled γ-sampling
     plain = C.sample_loss_guided(src, jump, eps, noises, target, 4, 0.5, C.ControlConfig(guidance_iterations=0))
     torch.testing.assert_close(plain.x0, C.sample_uncontrolled(src, jump, eps, noises, 4, 0.5).x0)
@@ -175,6 +211,8 @@ def test_control_config_is_validated():
         C.ControlConfig(guidance_steps=1)
     with pytest.raises(ValueError, match="noise_lr"):
         C.ControlConfig(noise_lr=0.0)
+    with pytest.raises(ValueError, match="timbre_weight"):
+        C.ControlConfig(timbre_weight=-1.0)
 
 
 CLI = [sys.executable, "-m", "soundctm_rt"]
@@ -216,6 +254,8 @@ def test_generate_intensity_errors(tiny, tmp_path, monkeypatch):
         (["--intensity", "swell", "--checkpoint", str(tmp_path / "none.safetensors")], "does not exist"),
         (["--intensity", "swell", "--checkpoint", str(path), "--bundle", str(tmp_path)], "do not apply"),
         (["--checkpoint", str(path)], "only apply with --intensity"),
+        (["--control-strength", "2"], "only apply with --intensity"),
+        (["--intensity", "swell", "--checkpoint", str(path), "--control-strength", "0"], "(0, 10]"),
     ]
     runner = CliRunner()
     for args, msg in cases:
@@ -241,9 +281,9 @@ def test_eval_control_end_to_end(tiny, distill_dataset, tmp_path):  # noqa: F811
     res = json.loads((tmp_path / "c.json").read_text())
     assert res["config"]["cases"] == 3 * len(cc.PRESETS) and len(res["cases"]) == 12
     rows = {(x["method"], x["steps"]) for x in res["rows"]}
-    assert rows == {("uncontrolled", 1), ("uncontrolled", 2), ("noise_optimisation", 1), ("noise_optimisation", 2),
-                    ("loss_guidance", 2)}  # fmt: skip
-    for key in ("uncontrolled_db_rmse", "noise_optimisation_db_rmse", "loss_guidance_db_rmse"):
+    assert rows == {("uncontrolled", 1), ("uncontrolled", 2), ("level_only", 2), ("noise_optimisation", 1),
+                    ("noise_optimisation", 2), ("loss_guidance", 2)}  # fmt: skip
+    for key in ("uncontrolled_db_rmse", "level_only_db_rmse", "noise_optimisation_db_rmse", "loss_guidance_db_rmse"):
         assert np.isfinite(res[key]) and res[key] > 0
     assert all(0 <= x["adherence"] <= 1 and x["seconds_per_clip"] > 0 for x in res["rows"])
     md = (tmp_path / "c.md").read_text()

@@ -56,10 +56,14 @@ def generate_controlled(
     threads: int | None,
     subtype: str,
     json_out: bool,
+    strength: float = 1.0,
 ) -> None:
-    """`generate --intensity`: the takes seed, seed+1, ... of `paths`, shaped to the curve (METHOD §6)."""
+    """`generate --intensity`: the takes seed, seed+1, ... of `paths`, shaped to the curve (METHOD §6).
+    strength scales the step sizes of both methods (ControlConfig.noise_lr and guidance_rho)."""
     if control not in CONTROLS:
         raise _fail(f"--control must be {' or '.join(CONTROLS)}, not {control!r}")
+    if not 0.0 < strength <= 10.0:
+        raise _fail(f"--control-strength must be in (0, 10], got {strength}")
     path = resolve_checkpoint(checkpoint)
     try:
         import torch
@@ -79,6 +83,7 @@ def generate_controlled(
         sample_noise_optimised,
         sample_uncontrolled,
         student_jump,
+        with_level,
     )
     from .control_curves import CurveError, load_curve, resample
     from .teacher_train import encode_prompts
@@ -92,7 +97,10 @@ def generate_controlled(
     mc = src.config
     T, C, rate, sr = mc.dit.latent_frames, mc.vae.latent_channels, mc.vae.latent_rate, mc.vae.sample_rate
     clip = T * mc.vae.latent_hop / sr
-    cc = ControlConfig()
+    base_cfg = ControlConfig()
+    cc = dataclasses.replace(
+        base_cfg, noise_lr=base_cfg.noise_lr * strength, guidance_rho=base_cfg.guidance_rho * strength
+    )
     p = _check(steps, gamma, omega, nu, duration, control, cc, mc.edm, clip)
     try:
         pts, what = load_curve(curve, clip)
@@ -115,6 +123,9 @@ def generate_controlled(
         res = sample_loss_guided(src, jump, eps_T, noises, target, p["steps"], p["gamma"], cc, mask)
     with torch.no_grad():
         y0, y = decode(src, base.x0), decode(src, res.x0)
+        gain = torch.zeros(K)
+        if cc.match_level:  # the curve's shape was controlled; a gain sets its level (train.control)
+            y, gain = with_level(y, target, mc.vae.latent_hop, mask)
         err0 = db_rmse(intensity_db(y0, mc.vae.latent_hop), target, mask)
         err = db_rmse(intensity_db(y, mc.vae.latent_hop), target, mask)
     n = round(p["duration"] * sr)
@@ -130,6 +141,8 @@ def generate_controlled(
             "gamma": p["gamma"],
             "db_rmse": round(float(err[k]), 3),
             "db_rmse_uncontrolled": round(float(err0[k]), 3),
+            "gain_db": round(float(gain[k]), 2),
+            "strength": strength,
             "control_seconds": round(res.seconds / K, 3),
         }
         if json_out:
@@ -195,6 +208,10 @@ def eval_control_command(
     noise_lr: float = typer.Option(None, "--noise-lr", help="(a) Adam step size"),
     guidance_iterations: int = typer.Option(None, "--guidance-iterations", help="(b) nudges before each jump"),
     guidance_rho: float = typer.Option(None, "--guidance-rho", help="(b) nudge size relative to t"),
+    timbre_weight: float = typer.Option(None, "--timbre-weight", help="weight of the timbre anchor (0: off)"),
+    match_level: bool = typer.Option(
+        None, "--match-level/--absolute-level", help="control the curve's shape and set the level by a gain"
+    ),
     embedding: str = typer.Option("birdnet", "--embedding", help="birdnet | logmel | auto"),
     max_train_clips: int = typer.Option(800, "--max-train-clips", help="training clips the probe is fitted on"),
     batch: int = typer.Option(16, "--batch", min=1, help="cases per batch"),
@@ -213,6 +230,8 @@ def eval_control_command(
             "noise_lr": noise_lr,
             "guidance_iterations": guidance_iterations,
             "guidance_rho": guidance_rho,
+            "timbre_weight": timbre_weight,
+            "match_level": match_level,
         }.items()
         if v is not None
     }

@@ -6,8 +6,11 @@ presets of train.control_curves. Every preset of a prompt starts from the same n
 it (soundctm_rt.sampling.draw_noise with seed + prompt index), so the uncontrolled rows are the takes that
 `soundctm-rt generate PROMPT --seed S --steps N --gamma 0` gives. Rows, all with ω, ν the same:
   * uncontrolled: γ = 0 sampling at `fast_steps` (the real-time default) and at `steps`;
+  * level_only (reference): the uncontrolled take at `steps` scaled by the gain that meets the target's mean
+    level (train.control.with_level): what a gain alone does, without generative control;
   * noise_optimisation (a): ε_T optimised once through the one-step map, then γ = 0 at both step counts;
   * loss_guidance (b): γ = 0 sampling at `steps` with the loss-guidance nudges.
+With match_level, (a) and (b) control the curve's shape and then take the same kind of gain as level_only.
 Per row: dB RMSE of the result's intensity (train.control.intensity_db) to the target (mean with a normal 95 %
 interval over cases, median, per preset, and the share of cases better than the uncontrolled take at the same
 step count); adherence: a ridge probe on BirdNET embeddings of real training clips (train.eval.RidgeProbe, ridge
@@ -43,6 +46,7 @@ from .control import (
     sample_loss_guided,
     sample_uncontrolled,
     student_jump,
+    with_level,
 )
 from .control_curves import PRESET_HIGH_DB, PRESET_LOW_DB, PRESETS, preset_points, resample
 from .data import ClipDataset
@@ -54,7 +58,7 @@ from .teacher_train import encode_prompts
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("uncontrolled", "noise_optimisation", "loss_guidance")
+METHODS = ("uncontrolled", "level_only", "noise_optimisation", "loss_guidance")
 
 
 @dataclass(frozen=True)
@@ -117,10 +121,17 @@ def run_batch(
     jump = student_jump(src, cond, uncond, omega, cfg.nu)
     out: dict[tuple[str, int], tuple[torch.Tensor, float]] = {}
     step_counts = sorted({cfg.fast_steps, cfg.steps})
+    hop = mc.vae.latent_hop
+
+    def leveled(y: torch.Tensor) -> torch.Tensor:  # the gain step of match_level (train.control.with_level)
+        return with_level(y, target, hop)[0] if cfg.control.match_level else y
+
     for n in step_counts:
         r = sample_uncontrolled(src, jump, eps_T, noises, n, 0.0)
         y, dt = _timed_decode(src, r.x0)
         out[("uncontrolled", n)] = (y, r.seconds + dt)
+        if n == cfg.steps:  # reference: the gain alone, no generative control
+            out[("level_only", n)] = (with_level(y, target, hop)[0], r.seconds + dt)
     t0 = time.perf_counter()
     eps_opt, _ = optimise_noise(src, jump, eps_T, target, cfg.control)
     t_opt = time.perf_counter() - t0
@@ -131,10 +142,10 @@ def run_batch(
             x0 = sample_gamma(jump, sig[0] * eps_opt, sig, 0.0, [torch.zeros_like(eps_opt)] * (n - 1), mc.edm.sigma_min)
         t_sample = time.perf_counter() - t0
         y, dt = _timed_decode(src, x0)
-        out[("noise_optimisation", n)] = (y, t_opt + t_sample + dt)
+        out[("noise_optimisation", n)] = (leveled(y), t_opt + t_sample + dt)
     r = sample_loss_guided(src, jump, eps_T, noises, target, cfg.steps, 0.0, cfg.control)
     y, dt = _timed_decode(src, r.x0)
-    out[("loss_guidance", cfg.steps)] = (y, r.seconds + dt)
+    out[("loss_guidance", cfg.steps)] = (leveled(y), r.seconds + dt)
     return out
 
 
@@ -276,6 +287,7 @@ def evaluate_control(
     result: dict[str, Any] = {
         "steps": cfg.steps,
         "uncontrolled_db_rmse": pick("uncontrolled")["db_rmse"]["mean"],
+        "level_only_db_rmse": pick("level_only")["db_rmse"]["mean"],
         "noise_optimisation_db_rmse": pick("noise_optimisation")["db_rmse"]["mean"],
         "loss_guidance_db_rmse": pick("loss_guidance")["db_rmse"]["mean"],
         "adherence": {m: pick(m)["adherence"] for m in METHODS},
@@ -475,6 +487,19 @@ def markdown(result: dict[str, Any], png_name: str | None = None) -> str:
         f"  x_t is nudged {cc['guidance_iterations']} time(s), x_t ← x_t − ρ·t·∇/rms(∇) with ρ = {cc['guidance_rho']} "
         "and ∇ the gradient",
         "  of the loss on the decode of x̂_0 = G(x_t, t, σ_min).",
+        (
+            "- **Level**: both methods control the curve's *shape* (the loss ignores the mean dB error over the "
+            "frames), then scale the result by that mean (at most ±30 dB). The `level_only` row is the "
+            "uncontrolled take with the same kind of gain and no generative control: what a fader does."
+            if cc.get("match_level")
+            else "- **Level**: both methods reach the target's absolute level through the latent (no gain step)."
+        ),
+        (
+            f"- **Timbre anchor** weight {cc['timbre_weight']}: the loss also keeps the long-term spectral shape of "
+            "the uncontrolled one-step take."
+            if cc.get("timbre_weight")
+            else ""
+        ),
         "",
         "Presets (relative to the clip duration D; linear in dB between points): `fade-in` "
         f"{cfg['preset_levels_db']['low']:g} → {cfg['preset_levels_db']['high']:g} dB; `decay` the reverse; "
@@ -488,7 +513,9 @@ def markdown(result: dict[str, Any], png_name: str | None = None) -> str:
         f"({cfg['machine']['cpus']} cores).",
         "",
         f"At {result['steps']} steps, the mean dB RMSE to the target: uncontrolled "
-        f"**{result['uncontrolled_db_rmse']:.2f}**, noise optimisation **{result['noise_optimisation_db_rmse']:.2f}**, "
+        f"**{result['uncontrolled_db_rmse']:.2f}**"
+        + (f", level only **{result['level_only_db_rmse']:.2f}**" if "level_only_db_rmse" in result else "")
+        + f", noise optimisation **{result['noise_optimisation_db_rmse']:.2f}**, "
         f"loss guidance **{result['loss_guidance_db_rmse']:.2f}**.",
         "",
         "| method | steps | dB RMSE mean [95 %] | median | "
