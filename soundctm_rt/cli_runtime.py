@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import typer
 
 from .bundle import Bundle, BundleError, resolve_bundle
@@ -51,6 +53,12 @@ def generate(
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="With --intensity: student checkpoint (default: models/student_model.safetensors)."
     ),
+    peak_db: float | None = typer.Option(
+        None,
+        "--peak-db",
+        help="Scale each take so that its peak sits at this level in dBFS (e.g. -1). The model's output level "
+        "is not normalised: quiet sounds such as closed hi-hats can peak far below full scale.",
+    ),
     strength: float = typer.Option(
         1.0,
         "--control-strength",
@@ -69,6 +77,10 @@ def generate(
         raise _fail(f"--output must end in .wav (or be a folder with --variations), got {output}")
     if intensity is None and (checkpoint is not None or control != "noise-opt" or strength != 1.0):
         raise _fail("--control, --control-strength and --checkpoint only apply with --intensity")
+    if peak_db is not None and not (math.isfinite(peak_db) and -60.0 <= peak_db <= 0.0):
+        raise _fail(f"--peak-db must be in [-60, 0] dBFS, got {peak_db}")
+    if peak_db is not None and intensity is not None:
+        raise _fail("--peak-db would undo --intensity (its curve is in dBFS): use one or the other")
     if intensity is not None:  # METHOD §6 control differentiates through the torch student: imported only here
         if bundle is not None or backend != "onnxruntime" or device != "cpu":
             raise _fail(
@@ -107,13 +119,35 @@ def generate(
         audio, timing = eng.generate(
             prompt, seed=seed + k, steps=steps, gamma=gamma, omega=cfg, nu=nu, duration=duration
         )
+        gain_db = 0.0
+        if peak_db is not None:
+            audio, gain_db = _to_peak(audio, peak_db)
+            if gain_db >= MAX_PEAK_GAIN_DB:
+                typer.echo(
+                    f"warning: {path} is near silence; --peak-db gain capped at +{MAX_PEAK_GAIN_DB:g} dB", err=True
+                )
         sf.write(str(path), audio, eng.sample_rate, subtype=fmt)
         if json_out:
-            typer.echo(json.dumps({"file": str(path), "seed": seed + k, **timing.to_dict()}))
+            rec = {"file": str(path), "seed": seed + k, **timing.to_dict()}
+            if peak_db is not None:
+                rec["gain_db"] = round(gain_db, 2)
+            typer.echo(json.dumps(rec))
         else:
             typer.echo(
                 f"{path}  {timing.audio_seconds:.2f} s  {timing.total_ms:.1f} ms  RTF {timing.rtf:.4f} ({timing.path})"
             )
+
+
+MAX_PEAK_GAIN_DB = 60.0  # --peak-db lifts a quiet take, it does not turn numerical silence into noise
+
+
+def _to_peak(audio: np.ndarray, peak_db: float) -> tuple[np.ndarray, float]:
+    """audio scaled so that max |audio| = peak_db dBFS (at most +60 dB of gain); and the gain in dB."""
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    if peak <= 0.0:
+        return audio, 0.0
+    gain_db = min(peak_db - 20.0 * math.log10(peak), MAX_PEAK_GAIN_DB)
+    return (audio * 10.0 ** (gain_db / 20.0)).astype(audio.dtype), gain_db
 
 
 def _output_paths(output: Path, k: int) -> list[Path]:

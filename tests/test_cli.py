@@ -67,6 +67,17 @@ def test_generate_variations_and_openvino(tiny_bundle, tmp_path):
     assert not np.array_equal(takes[0], takes[1])
 
 
+def test_generate_peak_db_normalises_each_take(tiny_bundle, tmp_path):
+    r = run("generate", "a dog barking", "-o", tmp_path / "d", "--bundle", tiny_bundle, "--variations", 2,
+            "--peak-db", -6, "--subtype", "FLOAT", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    for rec in recs:
+        audio, _ = sf.read(rec["file"])
+        assert 20 * np.log10(np.abs(audio).max()) == pytest.approx(-6.0, abs=1e-3)
+        assert np.isfinite(rec["gain_db"])
+
+
 @pytest.mark.parametrize(
     "args, msg",
     [
@@ -76,6 +87,8 @@ def test_generate_variations_and_openvino(tiny_bundle, tmp_path):
         (["--duration", "60"], "duration"),
         (["-o", "x.mp3"], ".wav"),
         (["--backend", "tensorrt"], "backend"),
+        (["--peak-db", "3"], "--peak-db"),
+        (["--peak-db", "-6", "--intensity", "fade-in"], "one or the other"),
     ],
 )
 def test_generate_bad_arguments(tiny_bundle, tmp_path, args, msg):
