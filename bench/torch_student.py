@@ -24,7 +24,7 @@ def load_student_from_bundle(bundle: Bundle) -> tuple[torch.nn.Module, tuple[tor
         raise ValueError(f"the bundle does not map every student parameter ({(pmap or {}).get('missing')})")
     cfg = ModelConfig.from_dict(bundle.manifest["model"]["config"])
     text_dim = int(bundle.manifest["text"]["hidden"])
-    module = StudentStepExport(CTMDenoiser(DiT(cfg.dit, cfg.vae.latent_channels, text_dim), cfg.edm.sigma_data))
+    module = StudentStepExport(CTMDenoiser(DiT(cfg.dit, cfg.latent_channels, text_dim), cfg.edm.sigma_data))
     model = onnx.load(str(bundle.path(spec.files["onnxruntime"])), load_external_data=True)
     inits = {i.name: i for i in model.graph.initializer}
     want = module.state_dict()
@@ -36,7 +36,7 @@ def load_student_from_bundle(bundle: Bundle) -> tuple[torch.nn.Module, tuple[tor
         state[key] = torch.from_numpy(a).reshape(want[key].shape)
     module.load_state_dict(state)
     module.eval()
-    C, T, L = cfg.vae.latent_channels, cfg.dit.latent_frames, cfg.text.max_length
+    C, T, L = cfg.latent_channels, cfg.dit.latent_frames, cfg.text.max_length
     g = torch.Generator().manual_seed(0)
     feeds = (
         torch.randn(1, C, T, generator=g) * 10,

@@ -35,7 +35,10 @@ def export(
         None, "--default-steps", help="The bundle's default step count (one of --steps; default: the config's)."
     ),
     captions: Path | None = typer.Option(
-        None, help="CSV with a caption column (a prepared dataset's clips.csv): the compact text encoder's check."
+        None,
+        help="CSV with a caption column (a prepared dataset's clips.csv): the training captions the bundle lists "
+        "as known prompts (the runtime warns about prompts far from all of them), and the compact text encoder's "
+        "check. A corpus column, if there, is listed too.",
     ),
 ) -> None:
     """Export a model to an ONNX + OpenVINO bundle, with a parity gate against torch."""
@@ -60,16 +63,19 @@ def export(
     from ..train.checkpoint import init_random, load_model_checkpoint
     from ..train.models.config import load_model_config
     from .compact import read_captions
+    from .known_prompts import read_corpora
     from .parity import ParityError
     from .pipeline import COMPACT, ExportOptions, export_bundle
 
     try:
         compact_opts: dict = dict(COMPACT) if compact else {}
+        caption_list = tuple(read_captions(captions)) if captions else ()
         opts = ExportOptions(
             weights=compact_opts.get("weights", weights),
             int8_embeddings=compact_opts.get("int8_embeddings", int8_embeddings),
             openvino_format=compact_opts.get("openvino_format", openvino_format),
-            captions=tuple(read_captions(captions)) if captions else (),
+            captions=caption_list,
+            caption_corpora=read_corpora(captions, caption_list) if captions else (),
             default_steps=default_steps,
             steps=step_list,
             int8=int8,

@@ -132,11 +132,14 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def read_captions(path: Path) -> list[str]:
-    """Unique captions of a prepared dataset (clips.csv) or any CSV with a `caption` column."""
+    """Unique captions of a prepared dataset (clips.csv) or any CSV with a `caption` column. With a `split`
+    column only the training rows count: they are what the model knows (held-out machines and folds are not)."""
     import csv
 
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or "caption" not in rows[0]:
         raise ValueError(f"{path} has no 'caption' column")
+    if "split" in rows[0]:
+        rows = [r for r in rows if r["split"] == "train"]
     return sorted({r["caption"] for r in rows if r["caption"]})

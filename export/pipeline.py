@@ -36,6 +36,7 @@ from .compact import (
     word_embedding,
 )
 from .graph_facts import count_flops, torch_param_map
+from .known_prompts import write_known_prompts
 from .onnx_io import SharedWeights, export_onnx, io_contract
 from .openvino_io import SharedIRWeights
 from .parity import ParityError, compare
@@ -88,7 +89,8 @@ class ExportOptions:
     weights: str = "fp32"  # "fp16": weights rounded to and stored as float16, computed in float32
     int8_embeddings: bool = False  # the text encoder's word-embedding table stored as INT8
     openvino_format: str = "ir"  # "onnx": OpenVINO compiles the ONNX files (no second copy of the weights)
-    captions: tuple[str, ...] = ()  # the compact text encoder's quality check (default: CHECK_CAPTIONS)
+    captions: tuple[str, ...] = ()  # training captions: the bundle's known prompts and the compact encoder's check
+    caption_corpora: tuple[str, ...] = ()  # the corpus of each caption (parallel to captions), or ()
     default_steps: int | None = None  # the bundle's default step count (None: the model config's)
 
     def __post_init__(self) -> None:
@@ -102,6 +104,8 @@ class ExportOptions:
             raise ValueError(f"openvino_format must be ir or onnx, not {self.openvino_format!r}")
         if self.default_steps is not None and self.default_steps not in self.steps:
             raise ValueError(f"default_steps {self.default_steps} must be one of the fused steps {list(self.steps)}")
+        if self.caption_corpora and len(self.caption_corpora) != len(self.captions):
+            raise ValueError("caption_corpora must name one corpus per caption")
 
     @property
     def compressed_text(self) -> bool:
@@ -129,7 +133,7 @@ def _parity_inputs(src: ModelSource, seed: int) -> dict[str, Any]:
     with torch.no_grad():
         tokens, pooled = src.text(ids, mask)
     g = torch.Generator().manual_seed(seed)
-    C, T = cfg.vae.latent_channels, cfg.dit.latent_frames
+    C, T = cfg.latent_channels, cfg.dit.latent_frames
     return {
         "ids": ids,
         "mask": mask,
@@ -145,7 +149,8 @@ def _parity_inputs(src: ModelSource, seed: int) -> dict[str, Any]:
 def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_Graph]:
     cfg = src.config
     C, T, g = p["C"], p["T"], p["gen"]
-    R = cfg.vae.decoder_context
+    mel = cfg.latent == "mel"  # the mel code is decoded on the host (soundctm_rt.melcode): no decoder graphs
+    fuse_decode = opts.fuse_decode and not mel
     tok1 = (p["tokens"][:1], p["token_mask"][:1], p["pooled"][:1])
     graphs = [
         _Graph(
@@ -173,14 +178,14 @@ def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_G
     for n in opts.steps:
         eps = torch.randn(1, C, T, generator=g)
         omega, gamma = torch.tensor([3.5]), torch.tensor([0.5])
-        outs = ["latent", "audio"] if opts.fuse_decode else ["latent"]
+        outs = ["latent", "audio"] if fuse_decode else ["latent"]
         sig = karras_sigmas(n + 1, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho).tolist()
-        attrs = {"steps": n, "sigmas": sig, "nu": 1.0, "decode": opts.fuse_decode}
+        attrs = {"steps": n, "sigmas": sig, "nu": 1.0, "decode": fuse_decode}
         if n == 1:
             graphs.append(
                 _Graph(
                     f"fused_{n}",
-                    FusedSamplerExport1(src, 1, opts.fuse_decode),
+                    FusedSamplerExport1(src, 1, fuse_decode),
                     (eps, *tok1, omega, gamma),
                     ["eps_T", "tokens", "token_mask", "pooled", "omega", "gamma"],
                     outs,
@@ -192,18 +197,21 @@ def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_G
             graphs.append(
                 _Graph(
                     f"fused_{n}",
-                    FusedSamplerExport(src, n, opts.fuse_decode),
+                    FusedSamplerExport(src, n, fuse_decode),
                     (eps, noise, *tok1, omega, gamma),
                     ["eps_T", "noise", "tokens", "token_mask", "pooled", "omega", "gamma"],
                     outs,
                     attrs=attrs,
                 )
             )
+    if mel:
+        return graphs
+    R = cfg.vae.decoder_context
     z = torch.randn(1, C, T, generator=g) * 0.5
     graphs.append(
         _Graph(
             "vae_decoder",
-            DecoderExport(src.vae, src.latent_mean, src.latent_std),
+            DecoderExport(src.codec, src.latent_mean, src.latent_std),
             (z,),
             ["latent"],
             ["audio"],
@@ -213,7 +221,7 @@ def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_G
     graphs.append(
         _Graph(
             "vae_decoder_stream",
-            DecoderStreamExport(src.vae, src.latent_mean, src.latent_std),
+            DecoderStreamExport(src.codec, src.latent_mean, src.latent_std),
             (zw,),
             ["latent_window"],
             ["audio"],
@@ -262,10 +270,10 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
     if opts.compressed_text:  # round a copy: the caller's model stays as it was
         reference_text = src.text
         src = dataclasses.replace(
-            src, student=copy.deepcopy(src.student), vae=copy.deepcopy(src.vae), text=copy.deepcopy(src.text)
+            src, student=copy.deepcopy(src.student), codec=copy.deepcopy(src.codec), text=copy.deepcopy(src.text)
         )
     if opts.weights == "fp16":
-        round_to_fp16(src.student, src.vae, src.text)
+        round_to_fp16(src.student, src.codec, src.text)
     embedding_scale = quantise_word_embeddings(src.text) if opts.int8_embeddings else 0.0
     p = _parity_inputs(src, opts.seed)
     graphs = _graphs(src, opts, p)
@@ -367,6 +375,11 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
             }
         )
 
+    known: dict[str, Any] | None = None
+    if opts.captions:  # what the runtime compares prompts against (known_prompts.py)
+        known = write_known_prompts(out, opts.captions, opts.caption_corpora, cfg.text.max_length)
+        extra += [known["file"], known["embeddings"]]
+
     int8: dict[str, Any] = {}
     if opts.int8:
         from .int8 import export_int8
@@ -376,6 +389,8 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
 
     manifest = _manifest(src, opts, manifest_graphs, parity, licenses, int8, extra, time.perf_counter() - t_start)
     manifest["compression"] = compression
+    if known is not None:
+        manifest["known_prompts"] = known
     write_manifest(out, manifest)
     return out
 
@@ -408,18 +423,8 @@ def _manifest(
             "provenance": {**src.provenance, "git_revision": _git_revision()},
             "config": cfg.to_dict(),
         },
-        "audio": {"sample_rate": cfg.vae.sample_rate, "channels": 1},
-        "latent": {
-            "channels": cfg.vae.latent_channels,
-            "frames": cfg.dit.latent_frames,
-            "frame_rate": cfg.vae.latent_rate,
-            "hop": cfg.vae.latent_hop,
-            "mean": src.latent_mean.tolist(),
-            "std": src.latent_std.tolist(),
-            "normalisation": "z' = 0.5*(z - mean)/std; decode z = 2*std*z' + mean (inside the decoder graphs)",
-            "decoder_context": cfg.vae.decoder_context,
-            "stream_chunk": opts.stream_chunk,
-        },
+        "audio": {"sample_rate": cfg.sample_rate, "channels": 1},
+        "latent": _latent_section(src, opts),
         "edm": {
             "sigma_min": cfg.edm.sigma_min,
             "sigma_max": cfg.edm.sigma_max,
@@ -447,7 +452,7 @@ def _manifest(
         "licenses": licenses,
         "extra_files": extra,
         "export": {
-            "options": {**asdict(opts), "captions": len(opts.captions)},
+            "options": {**asdict(opts), "captions": len(opts.captions), "caption_corpora": len(opts.caption_corpora)},
             "seconds": round(seconds, 1),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": {
@@ -460,6 +465,28 @@ def _manifest(
             },
         },
     }
+
+
+def _latent_section(src: ModelSource, opts: ExportOptions) -> dict[str, Any]:
+    """The manifest's latent contract: shape, rate, the METHOD §5 statistics, and how to decode."""
+    cfg = src.config
+    out: dict[str, Any] = {
+        "kind": cfg.latent,
+        "channels": cfg.latent_channels,
+        "frames": cfg.dit.latent_frames,
+        "frame_rate": cfg.latent_rate,
+        "hop": cfg.latent_hop,
+        "mean": src.latent_mean.tolist(),
+        "std": src.latent_std.tolist(),
+    }
+    if cfg.latent == "mel":
+        out["normalisation"] = "z' = 0.5*(z - mean)/std; the host decodes z = 2*std*z' + mean (METHOD 5b)"
+        out["mel"] = cfg.mel.to_dict()
+    else:
+        out["normalisation"] = "z' = 0.5*(z - mean)/std; decode z = 2*std*z' + mean (inside the decoder graphs)"
+        out["decoder_context"] = cfg.vae.decoder_context
+        out["stream_chunk"] = opts.stream_chunk
+    return out
 
 
 _MINILM_NOTICE = """all-MiniLM-L6-v2 (sentence-transformers), used here as the frozen text encoder.

@@ -88,7 +88,7 @@ class FusedSamplerExport(nn.Module):
         self.sigma_min = edm.sigma_min
         self.step = StudentStepExport(src.student)
         self.register_buffer("sigmas", karras_sigmas(steps + 1, edm.sigma_min, edm.sigma_max, edm.rho))
-        self.decoder = DecoderExport(src.vae, src.latent_mean, src.latent_std) if decode else None
+        self.decoder = DecoderExport(src.codec, src.latent_mean, src.latent_std) if decode else None
 
     def forward(self, eps_T, noise, tokens, token_mask, pooled, omega, gamma):
         x = self.sigmas[0] * eps_T

@@ -111,6 +111,7 @@ class Bundle:
         for key in ("graphs", "files", "latent", "edm", "guidance", "audio", "text"):
             if key not in manifest:
                 raise BundleError(f"{mpath} lacks the '{key}' section: the bundle is corrupt, re-export it")
+        _check_latent(manifest["latent"], mpath)
         bundle = cls(root, manifest)
         bundle.check_files(verify_hash=verify)
         return bundle
@@ -155,6 +156,23 @@ class Bundle:
     @property
     def name(self) -> str:
         return str(self.manifest.get("model", {}).get("name", self.root.name))
+
+
+def _check_latent(lat: Any, mpath: Path) -> None:
+    """The latent section names a kind this runtime decodes, with what that kind needs."""
+    if not isinstance(lat, dict):
+        raise BundleError(f"{mpath}: 'latent' must be an object; the bundle is corrupt, re-export it")
+    kind = lat.get("kind", "vae")
+    need = {"mel": ("channels", "frames", "hop", "mean", "std", "mel"), "vae": ("channels", "frames", "hop")}
+    if kind not in need:
+        raise BundleError(f"{mpath}: latent kind {kind!r} is unknown to this runtime (it reads {sorted(need)})")
+    missing = [k for k in need[kind] if k not in lat]
+    if missing:
+        raise BundleError(f"{mpath}: the {kind} latent lacks {missing}; the bundle is corrupt, re-export it")
+    if kind == "mel":
+        c = lat["channels"]
+        if len(lat["mean"]) != c or len(lat["std"]) != c or lat["mel"].get("n_mels") != c:
+            raise BundleError(f"{mpath}: the mel latent's statistics or bins do not match its {c} channels")
 
 
 def cache_root() -> Path:

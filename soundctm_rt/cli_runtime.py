@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -113,6 +114,7 @@ def generate(
             raise ValueError("seed + variations exceeds the seed range")
     except (BundleError, ValueError) as e:
         raise _fail(str(e)) from None
+    _warn_if_far(eng, prompt)
     paths = _output_paths(output, variations)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for k, path in enumerate(paths):
@@ -136,6 +138,17 @@ def generate(
             typer.echo(
                 f"{path}  {timing.audio_seconds:.2f} s  {timing.total_ms:.1f} ms  RTF {timing.rtf:.4f} ({timing.path})"
             )
+
+
+def _warn_if_far(eng: Any, prompt: str) -> None:
+    """Print one warning line when the prompt is far from the bundle's known prompts; advice, never an error."""
+    try:
+        far = eng.prompt_warning(prompt)
+    except (BundleError, ValueError, OSError) as e:
+        logging.getLogger(__name__).debug("known-prompt check skipped: %s", e)
+        return
+    if far:
+        typer.echo(f"warning: {far}", err=True)
 
 
 MAX_PEAK_GAIN_DB = 60.0  # --peak-db lifts a quiet take, it does not turn numerical silence into noise
@@ -188,7 +201,7 @@ def describe(b: Bundle) -> str:
         f"audio       {m['audio']['sample_rate']} Hz, {m['audio']['channels']} channel(s); clip "
         f"{lat['frames'] * lat['hop'] / m['audio']['sample_rate']:.2f} s",
         f"latent      {lat['channels']} ch x {lat['frames']} frames at {lat['frame_rate']:.2f} Hz "
-        f"(hop {lat['hop']}); decoder context {lat['decoder_context']} frames, stream chunk {lat['stream_chunk']}",
+        f"(hop {lat['hop']}); " + _decoder_line(lat),
         f"edm         sigma {edm['sigma_min']} .. {edm['sigma_max']}, rho {edm['rho']}, sigma_data {edm['sigma_data']}",
         f"guidance    omega trained on [{g['omega_min']}, {g['omega_max']}]; defaults omega {g['default_omega']}, "
         f"nu {g['default_nu']}, gamma {g['default_gamma']}, steps {g['default_steps']}",
@@ -220,10 +233,44 @@ def describe(b: Bundle) -> str:
         lines.append(f"  {'':<19} backends: {', '.join(spec['files'])}; parity vs torch: {snr or 'n/a'}")
     for name, v in (m.get("int8") or {}).items():
         lines.append(f"  {name:<19} INT8 ({v['file']}): {_kv(v.get('quality', {}))}")
+    lines += _known_lines(b)
     for lic in m.get("licenses", []):
         lines.append(f"licence     {lic['component']}: {lic['name']} — {lic['license']} ({lic['source']})")
     return "\n".join(lines) + "\n"
 
 
+def _known_lines(b: Bundle, n_examples: int = 12) -> list[str]:
+    """The bundle's known prompts for `info`: count, threshold, corpora and examples spread over the list."""
+    from .known_prompts import KnownPrompts
+
+    try:
+        known = KnownPrompts.from_bundle(b)
+    except BundleError as e:
+        return [f"known       unreadable: {e}"]
+    if known is None:
+        return ["known       no known prompts (exported without --captions): prompts are not checked"]
+    cal = known.calibration
+    rates = ""
+    if cal:
+        fw, miss = cal.get("false_warning_rate"), cal.get("miss_rate")
+        rates = f"; calibration: false warnings {fw}, misses {miss} ({cal.get('rule')})"
+    lines = [f"known       {len(known)} prompts; warns below cosine {known.threshold:.3f}{rates}"]
+    if known.corpora():
+        lines.append(f"  corpora           {_kv(known.corpora())}")
+    lines += [f"  {'examples' if i == 0 else '':<17} {c}" for i, c in enumerate(known.examples(n_examples))]
+    return lines
+
+
 def _kv(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items() if v is not None) or "-"
+
+
+def _decoder_line(lat: dict[str, Any]) -> str:
+    """How the bundle's latent is decoded, for `info`."""
+    if lat.get("kind") == "mel":
+        m = lat["mel"]
+        return (
+            f"log-mel {m['n_mels']} bins, decoded on the host by fast Griffin-Lim ({m['iterations']} iterations, "
+            f"STFT hop {m['syn_hop']}, chunks of {m['chunk_frames']} frames + {m['lookahead_frames']} look-ahead)"
+        )
+    return f"VAE decoder context {lat['decoder_context']} frames, stream chunk {lat['stream_chunk']}"

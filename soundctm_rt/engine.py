@@ -2,8 +2,10 @@
 
 Two paths give the same result for the same seed (a test holds them to it):
 - fused: one call of `fused_N` (the γ-loop unrolled, decode fused in) when ν = 1 and N is exported;
-- host: the numpy γ-loop of `sampling.py` over `student_step`, then `vae_decoder` — any step count, ν-guidance,
+- host: the numpy γ-loop of `sampling.py` over `student_step`, then the decoder — any step count, ν-guidance,
   stoppable between steps, and the streaming decoder so audio can start before the whole clip is decoded.
+The decoder follows the bundle's latent kind: "mel" (the fixed log-mel code, METHOD §5b) is decoded on the host
+by `melcode.MelDecoder` (chunked fast Griffin-Lim); "vae" by the `vae_decoder` / `vae_decoder_stream` graphs.
 An Engine is meant for one thread (OpenVINO infer requests are not thread-safe); make one per worker.
 """
 
@@ -22,6 +24,8 @@ import numpy as np
 
 from .backends import BackendOptions, Session, open_session
 from .bundle import Bundle, BundleError, bundle_id, cache_root, resolve_bundle
+from .level import soft_limit
+from .melcode import MelCodeConfig, MelDecoder, denormalise
 from .sampling import draw_noise, karras_sigmas, nu_guided, sample_gamma
 from .text import PromptTokenizer
 
@@ -96,7 +100,14 @@ class Engine:
         lat = m["latent"]
         self.latent_shape = (1, int(lat["channels"]), int(lat["frames"]))
         self.hop = int(lat["hop"])
-        self.context = int(lat["decoder_context"])
+        self.latent_kind = str(lat.get("kind", "vae"))
+        self.mel_decoder: MelDecoder | None = None
+        if self.latent_kind == "mel":
+            self.mel_decoder = MelDecoder(MelCodeConfig.from_dict(lat["mel"]))
+            self._mean = np.asarray(lat["mean"], np.float32)
+            self._std = np.asarray(lat["std"], np.float32)
+        else:
+            self.context = int(lat["decoder_context"])
         self.max_duration = self.latent_shape[2] * self.hop / self.sample_rate
         e = m["edm"]
         self.sigma_min, self.sigma_max, self.rho = (
@@ -199,6 +210,18 @@ class Engine:
             self._cache.popitem(last=False)
         return cond
 
+    def prompt_warning(self, prompt: str) -> str | None:
+        """One line saying that the prompt is far from every caption the model was trained on, naming the
+        nearest ones; None when it is near, or when the bundle lists no known prompts (known_prompts.py)."""
+        from .known_prompts import KnownPrompts
+
+        if not hasattr(self, "_known"):  # loaded on first use: most callers never ask
+            self._known = KnownPrompts.from_bundle(self.bundle)
+        if self._known is None:
+            return None
+        warning = self._known.check(self.encode_prompt(prompt).pooled[0], prompt)
+        return None if warning is None else warning.message
+
     def _jump(
         self, cond: Conditioning, uncond: Conditioning | None, omega: float, nu: float, timing: Timing
     ) -> Callable[[np.ndarray, float, float], np.ndarray]:
@@ -270,7 +293,25 @@ class Engine:
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """Normalised latent [1, C, T] -> waveform [N] float32."""
+        if self.mel_decoder is not None:
+            return self.mel_decoder.decode(denormalise(latent[0], self._mean, self._std)[None])[0]
         return self.session("vae_decoder").run({"latent": latent.astype(np.float32)})[0][0]
+
+    def _decode_chunks(self, x: np.ndarray) -> Iterator[np.ndarray]:
+        """Normalised latent [1, C, T] -> its waveform in chunks [n] (they concatenate to `decode(x)`)."""
+        if self.mel_decoder is not None:
+            for piece in self.mel_decoder.stream(denormalise(x[0], self._mean, self._std)[None]):
+                yield piece[0]
+            return
+        sess = self.session("vae_decoder_stream")
+        chunk = int(self.bundle.graph("vae_decoder_stream").attrs["chunk"])
+        R, T = self.context, x.shape[-1]
+        n_chunks = math.ceil(T / chunk)
+        tail = n_chunks * chunk - T  # extra replicated frames so the last window is full
+        padded = np.concatenate([np.repeat(x[..., :1], R, -1), x, np.repeat(x[..., -1:], R + tail, -1)], -1)
+        for i in range(n_chunks):
+            win = np.ascontiguousarray(padded[..., i * chunk : i * chunk + chunk + 2 * R])
+            yield sess.run({"latent_window": win})[0][0]
 
     def generate(
         self,
@@ -313,7 +354,7 @@ class Engine:
             t0 = time.perf_counter()
             audio = self.decode(x)
             timing.decode_ms = 1e3 * (time.perf_counter() - t0)
-        audio = self._trim(audio, p["duration"])
+        audio = soft_limit(self._trim(audio, p["duration"]))  # never beyond full scale (level.py)
         timing.total_ms = 1e3 * (time.perf_counter() - t_start)
         timing.audio_seconds = len(audio) / self.sample_rate
         timing.rtf = timing.total_ms / 1e3 / timing.audio_seconds
@@ -377,26 +418,19 @@ class Engine:
             should_stop=should_stop,
             timing=timing,
         )
-        sess = self.session("vae_decoder_stream")
-        chunk = int(self.bundle.graph("vae_decoder_stream").attrs["chunk"])
-        R, T = self.context, x.shape[-1]
-        n_chunks = math.ceil(T / chunk)
-        tail = n_chunks * chunk - T  # extra replicated frames so the last window is full
-        padded = np.concatenate([np.repeat(x[..., :1], R, -1), x, np.repeat(x[..., -1:], R + tail, -1)], -1)
         remaining = round(p["duration"] * self.sample_rate)
         fade = p["duration"] < self.max_duration - 1e-9
         t_dec = time.perf_counter()
-        for i in range(n_chunks):
+        for audio in self._decode_chunks(x):
             if should_stop is not None and should_stop():
                 return
-            win = np.ascontiguousarray(padded[..., i * chunk : i * chunk + chunk + 2 * R])
-            audio = sess.run({"latent_window": win})[0][0]
             if timing.first_chunk_ms is None:
                 timing.first_chunk_ms = 1e3 * (time.perf_counter() - t_start)
-            audio = audio[:remaining]
+            audio = audio[:remaining].copy()
             remaining -= len(audio)
             if remaining <= 0 and fade:
-                audio = _fade_out(audio.copy(), int(FADE_SECONDS * self.sample_rate))
+                audio = _fade_out(audio, int(FADE_SECONDS * self.sample_rate))
+            audio = soft_limit(audio)  # as generate() does, after the fade
             yield audio
             if remaining <= 0:
                 break

@@ -147,15 +147,15 @@ def test_unknown_preset_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, request):
     from soundctm_rt.train.checkpoint import init_random, save_model_checkpoint
     from soundctm_rt.train.models.config import load_model_config
     from soundctm_rt.train.teacher_train import encode_prompts
 
-    src = init_random(load_model_config("tiny"), seed=0)
+    src = init_random(load_model_config(getattr(request, "param", "tiny")), seed=0)
     path = save_model_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.safetensors", src, torch.float32)
     mc = src.config
-    T, rate = mc.dit.latent_frames, mc.vae.latent_rate
+    T, rate = mc.dit.latent_frames, mc.latent_rate
     cond = encode_prompts(src.text, PROMPTS, mc.text.max_length)
     uncond = encode_prompts(src.text, [""], mc.text.max_length).expand(len(PROMPTS))
     jump = C.student_jump(src, cond, uncond, mc.edm.default_omega, 1.0)
@@ -163,7 +163,7 @@ def tiny(tmp_path_factory):
         np.stack([cc.resample(cc.preset_points(p, T / rate), T, rate) for p in ("fade-in", "pulse")])
     )
     g = torch.Generator().manual_seed(0)
-    eps = torch.randn(len(PROMPTS), mc.vae.latent_channels, T, generator=g)
+    eps = torch.randn(len(PROMPTS), mc.latent_channels, T, generator=g)
     noises = [torch.randn(eps.shape, generator=g) for _ in range(3)]
     return src, path, jump, target, eps, noises
 
@@ -178,6 +178,7 @@ SETTINGS = [{}, {"match_level": True}, {"timbre_weight": 1.0}]
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=["absolute", "match_level", "timbre"])
+@pytest.mark.parametrize("tiny", ["tiny", "tiny-mel"], indirect=True)
 def test_noise_optimisation_lowers_the_error(tiny, settings):
     src, _, jump, target, eps, noises = tiny
     cfg = C.ControlConfig(noise_iterations=12, **settings)
@@ -193,6 +194,7 @@ def test_noise_optimisation_lowers_the_error(tiny, settings):
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=["absolute", "match_level", "timbre"])
+@pytest.mark.parametrize("tiny", ["tiny", "tiny-mel"], indirect=True)
 def test_loss_guidance_lowers_the_error(tiny, settings):
     src, _, jump, target, eps, noises = tiny
     cfg = C.ControlConfig(guidance_iterations=2, **settings)

@@ -31,7 +31,7 @@ def _cond(src, b: int, seed: int = 0) -> Conditioning:
 
 
 def _shape(src) -> tuple[int, int]:
-    return src.config.vae.latent_channels, src.config.dit.latent_frames
+    return src.config.latent_channels, src.config.dit.latent_frames
 
 
 # -------------------------------------------------------------------------------------------- draws

@@ -23,7 +23,7 @@ def _conds(src) -> tuple[Conditioning, Conditioning]:
 def test_gamma_zero_is_the_chain_of_the_students_jumps(tiny_source):
     src = tiny_source
     cond, uncond = _conds(src)
-    c, T = src.config.vae.latent_channels, src.config.dit.latent_frames
+    c, T = src.config.latent_channels, src.config.dit.latent_frames
     steps, omega, nu = 4, 3.0, 2.0
     sig = sampling_sigmas(steps, src.config.edm)
     x_T = sig[0] * torch.randn(2, c, T)
@@ -43,7 +43,7 @@ def test_gamma_zero_is_the_chain_of_the_students_jumps(tiny_source):
 def test_student_ode_sampling_uses_its_own_denoiser(tiny_source):
     src = tiny_source
     cond, uncond = _conds(src)
-    c, T = src.config.vae.latent_channels, src.config.dit.latent_frames
+    c, T = src.config.latent_channels, src.config.dit.latent_frames
     e = src.config.edm
     sig = karras_sigmas(5, e.sigma_min, e.sigma_max, e.rho)
     x_T = sig[0] * torch.randn(1, c, T)

@@ -160,6 +160,18 @@ def test_eval_command_on_the_tiny_student(
     assert np.isfinite(f["valid_vs_test_fd"]) and np.isfinite(f["train_vs_test_kid"])
     assert result["config"]["embedding_used"] == "logmel64-meanstd" and result["config"]["prompts"] == 6
     assert "| teacher |" in md.read_text() and "Floor" in md.read_text()
+    # per-class tables on the teacher and the γ = 0 student rows, not on γ = 1, the ODE or the ablation
+    assert [("per_class" in r) for r in rows] == [True, True, False, True, False, False, False, False]
+    pc = rows[1]["per_class"]
+    assert len(pc) == 3 and sum(r["generated_clips"] for r in pc.values()) == 2 * 6  # 6 prompts x 2 seeds
+    for c, r in pc.items():
+        assert r["real_clips"] >= 1 and r["generated_clips"] % 2 == 0
+        assert 0.0 <= r["probe_real"] <= 1.0 and 0.0 <= r["probe_generated"] <= 1.0
+        assert r["real_peak_db_median"] > -80 and np.isfinite(r["generated_rms_db_median"]), c
+    for r in rows:
+        assert 0.0 <= r["frac_peak_below_-40dB"] <= 1.0 and 0.0 <= r["frac_over_full_scale"] <= 1.0
+    text = md.read_text()
+    assert "Per class — teacher heun 3" in text and "Per class — student gamma 1 step(s), γ = 0.0" in text
 
 
 def test_reconstruction_embedding_report_and_verdict(distill_dataset: Path):  # noqa: F811
@@ -177,6 +189,44 @@ def test_reconstruction_embedding_report_and_verdict(distill_dataset: Path):  # 
     assert rep["identity"]["probe_accuracy"] == rep["real_test"]["probe_accuracy"]
     assert rep["noise"]["kid_x1e3"] > rep["identity"]["kid_x1e3"]
     assert adoption_verdict(rep, "noise", ["identity"])["adopt"] is False
+    for name in ("identity", "noise", "real_test"):
+        lo, hi = rep[name]["ci_probe_accuracy"]
+        assert lo <= rep[name]["probe_accuracy"] <= hi
+        assert rep[name]["ci_kid_x1e3"][0] <= rep[name]["ci_kid_x1e3"][1]
+    assert rep["identity"]["ms_per_clip"] > 0
+    assert adoption_verdict(rep, "identity", ["identity"], within_ci=True)["adopt"] is True
+    assert adoption_verdict(rep, "noise", ["identity"], within_ci=True)["adopt"] is False
+
+
+def test_level_and_per_class_table():
+    from soundctm_rt.train.eval import class_target_summary, level_db, per_class_table
+
+    wave = np.zeros((3, 1000))
+    wave[0, 10] = 1.0
+    wave[1, :] = 0.01
+    peak, rms = level_db(wave)
+    np.testing.assert_allclose(peak, [0.0, -40.0, -120.0], atol=1e-6)
+    assert rms[1] == pytest.approx(-40.0)
+    table = per_class_table(
+        ["a", "a", "b"],
+        ["a", "b", "b"],
+        np.array([-1.0, -3.0, -6.0]),
+        np.array([-10.0, -12.0, -20.0]),
+        ["a", "a", "b", "b"],
+        ["b", "b", "b", "a"],
+        np.array([-2.0, -2.0, -30.0, -30.0]),
+        np.array([-11.0, -11.0, -40.0, -40.0]),
+    )
+    assert table["a"]["probe_real"] == 0.5 and table["a"]["probe_generated"] == 0.0
+    assert table["a"]["top_wrong_label"] == "b" and table["a"]["top_wrong_share"] == 1.0
+    assert table["b"]["probe_generated"] == 0.5 and table["b"]["generated_peak_db_median"] == -30.0
+    summary = class_target_summary({"per_class": table})
+    assert summary == {
+        "eligible_classes": 2,
+        "classes_reaching_half_of_real": 1,
+        "classes_within_6db_peak": 1,
+        "classes": 2,
+    }
 
 
 def test_baseline_sweep_cli_orders_the_pca_codes_by_rate(distill_dataset: Path, tmp_path: Path):  # noqa: F811

@@ -16,16 +16,16 @@ def test_configs_are_listed():
 def test_config_builds_and_runs(name):
     cfg = load_model_config(name)
     src = init_random(cfg)
-    C, T = cfg.vae.latent_channels, cfg.dit.latent_frames
+    C, T = cfg.latent_channels, cfg.dit.latent_frames
     L, D = cfg.text.max_length, src.text.hidden_size
     from soundctm_rt.train.models.denoiser import Conditioning
 
     cond = Conditioning(torch.randn(1, L, D), torch.ones(1, L), torch.randn(1, D))
     with torch.no_grad():
         out = src.student.G(torch.randn(1, C, T), torch.tensor([5.0]), torch.tensor([1.0]), cond, torch.tensor([3.5]))
-        wav = src.vae.decode(torch.randn(1, C, T))
+        wav = src.codec.decode(torch.randn(1, C, T))
     assert out.shape == (1, C, T) and torch.isfinite(out).all()
-    assert wav.shape == (1, T * cfg.vae.latent_hop)
+    assert wav.shape == (1, T * cfg.latent_hop)
 
 
 def test_unknown_keys_are_refused(tmp_path):

@@ -23,7 +23,7 @@ def test_numpy_host_loop_matches_torch(tiny_source, tiny_bundle, steps, gamma, n
         tokens, pooled = src.text(ids, mask)
         cond = Conditioning(tokens[:1], mask[:1].float(), pooled[:1])
         uncond = Conditioning(tokens[1:], mask[1:].float(), pooled[1:])
-        eps_T, noises = draw_noise(seed, (1, cfg.vae.latent_channels, cfg.dit.latent_frames), steps)
+        eps_T, noises = draw_noise(seed, (1, cfg.latent_channels, cfg.dit.latent_frames), steps)
         sig = sampling_sigmas(steps, cfg.edm)
         x_torch = sample_gamma(
             guided_jump(src.student, cond, uncond, omega, nu),

@@ -132,6 +132,33 @@ def test_teacher_trains_samples_and_resumes(dataset: Path, vae_run: Path, tmp_pa
     assert _losses(full) == _losses(part)
 
 
+def test_teacher_on_the_mel_code_trains_then_distils(dataset: Path, tmp_path: Path) -> None:
+    """latent = "mel": no VAE run; the code and its statistics are cached in the dataset, the checkpoint holds
+    no codec weights, and distillation and export take it as they take a VAE teacher."""
+    from soundctm_rt.train.checkpoint import load_model_checkpoint
+    from soundctm_rt.train.distill_train import train_distill
+    from soundctm_rt.train.latent import MelCodec, mel_id
+    from soundctm_rt.train.models.config import load_model_config
+    from soundctm_rt.train.teacher_train import train_teacher
+
+    with pytest.raises(ValueError, match="only to latent = 'vae'"):
+        train_teacher("tiny-mel", dataset, tmp_path / "nope", tmp_path / "bad", threads=1)
+    run = train_teacher("tiny-mel", dataset, None, tmp_path / "teacher", threads=1, steps=30, batch_size=8)
+    losses = _losses(run)
+    assert len(losses) == 30 and all(np.isfinite(losses)) and np.mean(losses[-8:]) < np.mean(losses[:8])
+    assert len(list((run / "samples" / "teacher_0000030").glob("*.wav"))) == 2
+    cache = dataset / "latents" / mel_id(load_model_config("tiny-mel").mel)
+    assert (cache / "latents.npy").is_file() and (cache / "latent_stats.safetensors").is_file()
+    src = load_model_checkpoint(run / "final" / "teacher_model.safetensors")
+    assert isinstance(src.codec, MelCodec) and src.latent_std.shape == (32,)
+    assert src.provenance["latent"] == "mel"
+    z = src.codec.encode(torch.zeros(1, 16 * 1024))[0]
+    assert z.shape == (1, 32, 16)
+    student = train_distill("tiny-mel", run, dataset, tmp_path / "student", threads=1, steps=2, sample_steps=())
+    out = load_model_checkpoint(student / "final" / "student_model.safetensors")
+    assert isinstance(out.codec, MelCodec) and torch.equal(out.latent_mean, src.latent_mean)
+
+
 def test_dry_run_prints_config_and_writes_nothing(dataset: Path, tmp_path: Path) -> None:
     from soundctm_rt.train.cli import app
     from typer.testing import CliRunner
@@ -283,8 +310,8 @@ def test_vae_decoder_finetune_keeps_the_latent_space(dataset: Path, vae_run: Pat
     # swap into a model checkpoint of the parent's latent space; a foreign VAE is refused
     src = init_random(load_model_config("tiny"))
     mu, std = load_latent_stats(vae_run)
-    src.vae, src.latent_mean, src.latent_std = parent, mu, std
+    src.codec, src.latent_mean, src.latent_std = parent, mu, std
     swapped = swap_vae(src, child, *load_latent_stats(run), {"vae_id": child_id})
-    assert swapped.vae is child and swapped.provenance["vae_swap"]["vae_id"] == child_id
+    assert swapped.codec is child and swapped.provenance["vae_swap"]["vae_id"] == child_id
     with pytest.raises(ValueError, match="encoder"):
-        swap_vae(src, init_random(cfg, seed=3).vae, mu, std, {})
+        swap_vae(src, init_random(cfg, seed=3).codec, mu, std, {})

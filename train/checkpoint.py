@@ -1,4 +1,7 @@
-"""The model checkpoint that export reads: student (EMA) + VAE + latent statistics + config, one safetensors file.
+"""The model checkpoint that export reads: student (EMA) + latent codec + latent statistics + config, one file.
+
+The codec (train.latent) is the fixed mel code (no weights: the config alone rebuilds it) or a VAE (its weights
+under "vae.").
 
 Training writes it at the end of distillation (fp16 by default); `export --init random` builds the same thing
 from a freshly initialised architecture, so there is one export code path for both.
@@ -13,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .latent import build_codec
 from .models.config import ModelConfig
 from .models.denoiser import CTMDenoiser
 from .models.dit import DiT
@@ -28,18 +32,18 @@ class ModelSource:
 
     config: ModelConfig
     student: CTMDenoiser
-    vae: VAE
+    codec: torch.nn.Module  # train.latent: MelCodec or VAE
     text: TextEncoder
     latent_mean: torch.Tensor  # [C]: METHOD §5, z' = 0.5·(z - μ)/std
     latent_std: torch.Tensor  # [C]
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def build_networks(cfg: ModelConfig) -> tuple[TextEncoder, CTMDenoiser, VAE]:
-    """Fresh text encoder (pretrained or seeded), student/teacher network and VAE of an architecture."""
+def build_networks(cfg: ModelConfig) -> tuple[TextEncoder, CTMDenoiser, torch.nn.Module]:
+    """Fresh text encoder (pretrained or seeded), student/teacher network and latent codec of an architecture."""
     text = TextEncoder(cfg.text)
-    net = DiT(cfg.dit, cfg.vae.latent_channels, text.hidden_size)
-    return text, CTMDenoiser(net, cfg.edm.sigma_data), VAE(cfg.vae)
+    net = DiT(cfg.dit, cfg.latent_channels, text.hidden_size)
+    return text, CTMDenoiser(net, cfg.edm.sigma_data), build_codec(cfg)
 
 
 def perturb_zero_init(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
@@ -55,13 +59,13 @@ def perturb_zero_init(module: torch.nn.Module, seed: int, std: float = 0.02) -> 
 def init_random(cfg: ModelConfig, seed: int = 0) -> ModelSource:
     """A freshly initialised model of an architecture (for `export --init random`)."""
     torch.manual_seed(seed)
-    text, student, vae = build_networks(cfg)
+    text, student, codec = build_networks(cfg)
     perturb_zero_init(student, seed)
-    c = cfg.vae.latent_channels
+    c = cfg.latent_channels
     return ModelSource(
         cfg,
         student.eval(),
-        vae.eval(),
+        codec.eval(),
         text,
         torch.zeros(c),
         torch.ones(c),
@@ -74,7 +78,7 @@ def save_model_checkpoint(path: str | Path, src: ModelSource, dtype: torch.dtype
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    for prefix, mod in (("student.", src.student.net), ("vae.", src.vae)):
+    for prefix, mod in (("student.", src.student.net), ("vae.", src.codec)):
         for k, v in mod.state_dict().items():
             tensors[prefix + k] = v.detach().to(dtype).contiguous() if v.is_floating_point() else v.contiguous()
     tensors["latent_mean"] = src.latent_mean.float().contiguous()
@@ -109,7 +113,7 @@ def load_model_checkpoint(path: str | Path) -> ModelSource:
             f"expected {FORMAT!r}); export takes the final checkpoint of `train distill`"
         )
     cfg = ModelConfig.from_dict(json.loads(meta["config"]))
-    text, student, vae = build_networks(cfg)
+    text, student, codec = build_networks(cfg)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {
@@ -119,11 +123,11 @@ def load_model_checkpoint(path: str | Path) -> ModelSource:
         }
 
     student.net.load_state_dict(part("student."))
-    vae.load_state_dict(part("vae."))
+    codec.load_state_dict(part("vae."))
     return ModelSource(
         cfg,
         student.eval(),
-        vae.eval(),
+        codec.eval(),
         text,
         tensors["latent_mean"].float(),
         tensors["latent_std"].float(),
@@ -148,7 +152,7 @@ def swap_vae(
     if vae.cfg != src.config.vae:
         raise ValueError(f"the VAE's config {vae.cfg} is not the checkpoint's {src.config.vae}")
     new_enc = vae.encoder.state_dict()
-    for name, old in src.vae.encoder.state_dict().items():
+    for name, old in src.codec.encoder.state_dict().items():
         if not torch.allclose(old.float(), new_enc[name].float(), atol=atol, rtol=0):
             raise ValueError(f"encoder tensor {name} differs: the VAE does not share the checkpoint's latent space")
     for name, old, new in (("latent_mean", src.latent_mean, latent_mean), ("latent_std", src.latent_std, latent_std)):

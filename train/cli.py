@@ -60,13 +60,13 @@ def prepare(
         sources = [Source(a, captions[i] if captions else None) for i, a in enumerate(audio)]
     else:
         sources = default_sources()
-    clip = cfg.dit.latent_frames * cfg.vae.latent_hop
+    clip = cfg.dit.latent_frames * cfg.latent_hop
     if dry_run:
         typer.echo(
             json.dumps(
                 {
                     "sources": [str(s) for s in sources],
-                    "sample_rate": cfg.vae.sample_rate,
+                    "sample_rate": cfg.sample_rate,
                     "clip_samples": clip,
                     "data": dataclasses.asdict(dcfg),
                 },
@@ -74,7 +74,7 @@ def prepare(
             )
         )
         return
-    rep = prepare_dataset(sources, out, cfg.vae.sample_rate, clip, cfg.vae.latent_hop, dcfg)
+    rep = prepare_dataset(sources, out, cfg.sample_rate, clip, cfg.latent_hop, dcfg)
     typer.echo(f"{out}: clips {rep.clips}, files {rep.files}, {len(rep.bad)} bad files (see bad_files.csv)")
 
 
@@ -172,39 +172,72 @@ def vae_finalize(data: Path = _DATA, run: Path = _RUN, threads: int = _THREADS) 
 @app.command("vae-embedding-report")
 def vae_embedding_report(
     data: Path = _DATA,
-    run: Path = _RUN,
-    json_path: Path = typer.Option(
-        None, "--json", help="write the report here (default: RUN/report/test_embedding.json)"
+    run: Path = typer.Option(None, "--run", "--run-dir", help="a finished `train vae` run to test (optional)"),
+    config: str = typer.Option(
+        None, "--config", "-c", help="test the mel-code decoder of this config (latent = 'mel'; default: cpu)"
     ),
+    variants: str = typer.Option(
+        "",
+        "--variants",
+        help="also test mel decoders with other SYN_HOPxITERATIONS settings, e.g. 256x8,512x16 "
+        "(the quality-versus-time curve)",
+    ),
+    json_path: Path = typer.Option(None, "--json", help="write the report here (default: RUN/report/...)"),
     embedding: str = typer.Option("birdnet", "--embedding", help="birdnet | logmel | auto"),
     max_train_clips: int = typer.Option(800, "--max-train-clips", help="real training clips: reference set and probe"),
     threads: int = _THREADS,
 ) -> None:
-    """The data README's adoption test of a finished VAE: its test reconstructions vs the no-training baselines
-    in the evaluation embedding (FD, KID, probe accuracy), with real test clips as the floor."""
+    """The adoption gate of a decoder: its round trip of the real test clips vs mel128 + Griffin-Lim (32
+    iterations, no training) in the evaluation embedding (FD, KID and probe accuracy with 95 % bootstrap
+    intervals, ms per clip), with the real test clips as the floor. Tests the config's mel-code decoder
+    (and --variants of it), and a VAE run when --run is given."""
+    import dataclasses as dc
+
     import torch
 
     from .birdnet import make_embedding
     from .data import ClipDataset
+    from .latent import MelCodec
+    from .models.config import load_model_config
     from .recon_embedding import adoption_verdict, embedding_report
     from .report import MelPCA, griffin_lim_from_mel
-    from .vae_train import load_vae_run
 
     _setup_logging()
     if threads:
         torch.set_num_threads(threads)
+    if run is None and json_path is None:
+        raise typer.BadParameter("give --json (or --run, whose report/ folder is the default)")
     ds = ClipDataset(data)
-    vae, cfg, vae_id = load_vae_run(run)
-    k = max(1, round(cfg.vae.latent_channels * MelPCA.hop / cfg.vae.latent_hop))
-    base = ["baseline_mel128_griffin_lim32", f"baseline_mel_pca{k}_griffin_lim32"]
-    methods = {
-        "vae": lambda y: vae.decode(vae.encode(y)[0]),
-        base[0]: lambda y: griffin_lim_from_mel(y, ds.sample_rate),
-        base[1]: MelPCA(ds, k),
-    }
+    base = "baseline_mel128_griffin_lim32"
+    methods: dict[str, Any] = {base: lambda y: griffin_lim_from_mel(y, ds.sample_rate)}
+    candidates: list[str] = []
+    vae_id = None
+    if run is not None:
+        from .vae_train import load_vae_run
+
+        vae, vcfg, vae_id = load_vae_run(run)
+        k = max(1, round(vcfg.vae.latent_channels * MelPCA.hop / vcfg.vae.latent_hop))
+        methods["vae"] = lambda y: vae.decode(vae.encode(y)[0])
+        methods[f"baseline_mel_pca{k}_griffin_lim32"] = MelPCA(ds, k)
+        candidates.append("vae")
+    if config is not None or run is None:
+        mcfg = load_model_config(config or "cpu")
+        settings = [(mcfg.mel.syn_hop, mcfg.mel.iterations)]
+        for v in (x.strip() for x in variants.split(",") if x.strip()):
+            try:
+                h, it = (int(p) for p in v.lower().split("x"))
+            except ValueError:
+                raise typer.BadParameter(f"{v!r} is not SYN_HOPxITERATIONS", param_hint="--variants") from None
+            settings.append((h, it))
+        for h, it in dict.fromkeys(settings):
+            codec = MelCodec(dc.replace(mcfg.mel, syn_hop=h, iterations=it))
+            name = f"mel{mcfg.mel.n_mels}_hop{mcfg.mel.hop}_fgla_h{h}_i{it}"
+            methods[name] = lambda y, c=codec: c.decode(c.encode(y)[0])
+            candidates.append(name)
     report = embedding_report(methods, ds, make_embedding(embedding, threads=threads or 1), max_train_clips)
-    report["vae_id"] = vae_id
-    report["verdict"] = adoption_verdict(report, "vae", base)
+    if vae_id is not None:
+        report["vae_id"] = vae_id
+    report["verdict"] = {c: adoption_verdict(report, c, [base], within_ci=True) for c in candidates}
     out = json_path or run / "report" / "test_embedding.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -262,7 +295,9 @@ def _positive_ints(text: str, option: str) -> list[int]:
 def teacher(
     config: str = _CONFIG,
     data: Path = _DATA,
-    vae_run: Path = typer.Option(..., "--vae", help="finished `train vae` run directory"),
+    vae_run: Path = typer.Option(
+        None, "--vae", help="finished `train vae` run directory (only for a config whose latent is 'vae')"
+    ),
     run: Path = _RUN,
     max_steps: int = _MAX_STEPS,
     resume: bool = _RESUME,
@@ -271,7 +306,7 @@ def teacher(
     steps: int = typer.Option(None, "--steps", help="override teacher_train.steps"),
     batch_size: int = typer.Option(None, "--batch-size", help="override teacher_train.batch_size (global)"),
 ) -> None:
-    """Train the EDM teacher over the VAE's cached, normalised latents (caches them first if needed)."""
+    """Train the EDM teacher over the config's normalised latent (mel code, or a VAE run's; cached first)."""
     from .teacher_train import resolve, train_teacher
 
     if dry_run:

@@ -19,7 +19,9 @@ long-term spectral shape (each band's share of the clip's energy: level- and env
 uncontrolled one-step take from the same noise. The anchor lets the envelope move and keeps what the sound is:
 without it both methods reach the target curve by turning the prompt's sound into whatever noise fits the curve.
 
-Both methods of METHOD §6 use the one-step map x̂_0 = G(x_t, t, σ_min) and the VAE decoder:
+With the mel code (METHOD §5b) the loss reads both the intensity and the timbre profile from the latent itself
+(`loss_features`): no decode, and a gradient that does not pass through phase reconstruction. With a VAE latent
+the loss decodes. Both methods of METHOD §6 use the one-step map x̂_0 = G(x_t, t, σ_min):
   (a) `optimise_noise`: Adam on the unit initial noise ε_T (x_T = σ_max·ε_T), loss on the decoded intensity
       of G(σ_max·ε_T, σ_max, σ_min), ε_T projected back to the sphere of radius √(C·T) after every step so it
       stays a typical Gaussian draw; then deterministic γ = 0 sampling from it (`sample_noise_optimised`);
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,10 +43,10 @@ import torch.nn.functional as F
 
 from .checkpoint import ModelSource
 from .edm import gamma_s, sampling_sigmas
+from .latent import MelCodec, denormalise
 from .losses import mel_filterbank, stft_mag
 from .models.denoiser import Conditioning
 from .sampling import Jump, guided_jump, sample_gamma
-from .teacher_train import denormalise
 
 INTENSITY_FLOOR_DB = -80.0
 INTENSITY_EPS = 10.0 ** (INTENSITY_FLOOR_DB / 10.0)  # mean-square floor: 1e-8 = -80 dBFS
@@ -164,12 +167,32 @@ def control_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [B], intensity dB RMSE [B]) of a normalised latent x0: intensity loss (of the shape alone with
     match_level) + timbre_weight × anchor."""
-    y = decode(src, x0)
-    level = intensity_loss(intensity_db(y, src.config.vae.latent_hop), target, mask, cfg.match_level)
+    intensity, timbre_of = loss_features(src, x0)
+    level = intensity_loss(intensity, target, mask, cfg.match_level)
     if anchor is None or cfg.timbre_weight == 0:
         return level, level.detach().sqrt()
-    timbre = (timbre_profile(y, src.config.vae.sample_rate) - anchor).pow(2).mean(-1)
+    timbre = (timbre_of() - anchor).pow(2).mean(-1)
     return level + cfg.timbre_weight * timbre, level.detach().sqrt()
+
+
+def loss_features(src: ModelSource, x0: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """(intensity [B, T] dB, a function giving the timbre profile) of a normalised latent, differentiable in x0.
+
+    A mel code holds both without decoding (METHOD §5b): the frame RMS by Parseval from the mel, and the
+    timbre profile as each mel band's share of the clip's energy. A VAE latent is decoded first.
+    """
+    if isinstance(src.codec, MelCodec):
+        z = denormalise(x0, src.latent_mean, src.latent_std)
+        return src.codec.intensity_db(z), lambda: mel_timbre_profile(z)
+    y = decode(src, x0)
+    return intensity_db(y, src.config.latent_hop), lambda: timbre_profile(y, src.config.sample_rate)
+
+
+def mel_timbre_profile(z: torch.Tensor) -> torch.Tensor:
+    """timbre_profile of a log-mel [B, M, T]: each mel band's share of the clip's energy, in dB [B, M]."""
+    energy = torch.exp(2.0 * z).sum(-1)
+    share = energy / energy.sum(-1, keepdim=True).clamp(min=1e-20)
+    return 10.0 * torch.log10(share + TIMBRE_FLOOR)
 
 
 def timbre_anchor(src: ModelSource, jump: Jump, eps_T: torch.Tensor, cfg: ControlConfig) -> torch.Tensor | None:
@@ -180,7 +203,7 @@ def timbre_anchor(src: ModelSource, jump: Jump, eps_T: torch.Tensor, cfg: Contro
     b = eps_T.shape[0]
     with torch.no_grad():
         x0 = jump(e.sigma_max * eps_T, torch.full((b,), e.sigma_max), torch.full((b,), e.sigma_min))
-        return timbre_profile(decode(src, x0), src.config.vae.sample_rate)
+        return loss_features(src, x0)[1]()
 
 
 def db_rmse(level: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,17 +216,17 @@ def db_rmse(level: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
 
 def decode(src: ModelSource, x0: torch.Tensor) -> torch.Tensor:
     """Normalised latent [B, C, T] -> waveform [B, T·latent_hop] (METHOD §5 de-normalisation)."""
-    return src.vae.decode(denormalise(x0, src.latent_mean, src.latent_std))
+    return src.codec.decode(denormalise(x0, src.latent_mean, src.latent_std))
 
 
 def decoded_intensity(src: ModelSource, x0: torch.Tensor) -> torch.Tensor:
     """[B, C, T] normalised latent -> intensity [B, T] dB of its decode."""
-    return intensity_db(decode(src, x0), src.config.vae.latent_hop)
+    return intensity_db(decode(src, x0), src.config.latent_hop)
 
 
 def freeze(src: ModelSource) -> None:
     """No parameter gradients: control differentiates w.r.t. the sample only."""
-    for m in (src.student, src.vae):
+    for m in (src.student, src.codec):
         for p in m.parameters():
             p.requires_grad_(False)
 

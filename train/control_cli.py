@@ -95,8 +95,8 @@ def generate_controlled(
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from None
     mc = src.config
-    T, C, rate, sr = mc.dit.latent_frames, mc.vae.latent_channels, mc.vae.latent_rate, mc.vae.sample_rate
-    clip = T * mc.vae.latent_hop / sr
+    T, C, rate, sr = mc.dit.latent_frames, mc.latent_channels, mc.latent_rate, mc.sample_rate
+    clip = T * mc.latent_hop / sr
     base_cfg = ControlConfig()
     cc = dataclasses.replace(
         base_cfg, noise_lr=base_cfg.noise_lr * strength, guidance_rho=base_cfg.guidance_rho * strength
@@ -125,9 +125,9 @@ def generate_controlled(
         y0, y = decode(src, base.x0), decode(src, res.x0)
         gain = torch.zeros(K)
         if cc.match_level:  # the curve's shape was controlled; a gain sets its level (train.control)
-            y, gain = with_level(y, target, mc.vae.latent_hop, mask)
-        err0 = db_rmse(intensity_db(y0, mc.vae.latent_hop), target, mask)
-        err = db_rmse(intensity_db(y, mc.vae.latent_hop), target, mask)
+            y, gain = with_level(y, target, mc.latent_hop, mask)
+        err0 = db_rmse(intensity_db(y0, mc.latent_hop), target, mask)
+        err = db_rmse(intensity_db(y, mc.latent_hop), target, mask)
     n = round(p["duration"] * sr)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for k, out in enumerate(paths):

@@ -121,7 +121,7 @@ def run_batch(
     jump = student_jump(src, cond, uncond, omega, cfg.nu)
     out: dict[tuple[str, int], tuple[torch.Tensor, float]] = {}
     step_counts = sorted({cfg.fast_steps, cfg.steps})
-    hop = mc.vae.latent_hop
+    hop = mc.latent_hop
 
     def leveled(y: torch.Tensor) -> torch.Tensor:  # the gain step of match_level (train.control.with_level)
         return with_level(y, target, hop)[0] if cfg.control.match_level else y
@@ -209,8 +209,8 @@ def evaluate_control(
     """The report as a JSON-able dict (module docstring); writes the PNG of a few cases when `png` is given."""
     mc = src.config
     omega = cfg.omega or mc.edm.default_omega
-    T, C, hop = mc.dit.latent_frames, mc.vae.latent_channels, mc.vae.latent_hop
-    rate, sr = mc.vae.latent_rate, mc.vae.sample_rate
+    T, C, hop = mc.dit.latent_frames, mc.latent_channels, mc.latent_hop
+    rate, sr = mc.latent_rate, mc.sample_rate
     duration = T / rate
     cases = make_cases(ds, cfg)
     targets = torch.from_numpy(np.stack([resample(preset_points(c.preset, duration), T, rate) for c in cases]))
@@ -401,7 +401,7 @@ def plot_cases(
 
     from .losses import log_mel
 
-    sr, hop, rate = mc.vae.sample_rate, mc.vae.latent_hop, mc.vae.latent_rate
+    sr, hop, rate = mc.sample_rate, mc.latent_hop, mc.latent_rate
     cols = [(m, cfg.steps) for m in METHODS]
     fig, axes = plt.subplots(len(shown), len(cols), figsize=(4.4 * len(cols), 2.3 * len(shown)), squeeze=False)
     for r, (case, waves, target) in enumerate(zip(shown, audio, targets, strict=True)):

@@ -17,6 +17,7 @@ Split rules, chosen from the CSV's columns so that declared test sets never reac
   * otherwise the top-level folder is the group and a stable hash of it picks ~5% valid, ~5% test.
 Splitting by group (machine, fold, folder) keeps near-duplicates of one recording in one split.
 
+Every clip is scaled to a peak of `peak_db` (-1 dBFS) unless `peak_normalise` is off.
 Files longer than a clip give their loudest window; training files give up to `max_crops` non-overlapping
 windows (loudest first, each within 10 dB of the loudest) so long field recordings are not wasted.
 Unreadable, silent, too short or implausibly low-rate files are reported (dataset.json, bad_files.csv) and
@@ -66,6 +67,10 @@ class DataConfig:
     silence_peak: float = 1e-4  # files whose peak is below this (-80 dBFS) are "silent" and skipped
     min_rate: int = 8000  # files below this sample rate are rejected rather than upsampled
     min_seconds: float = 0.01  # shorter files are rejected
+    # Every clip is scaled to this peak (dBFS): the corpora's levels are arbitrary (one-shots recorded at
+    # -60 to 0 dBFS), so a level learnt from them would be noise; one-shot packs are peak-normalised too.
+    peak_normalise: bool = True
+    peak_db: float = -1.0
 
     def __post_init__(self) -> None:
         overlap = set(self.test_machines) & set(self.valid_machines)
@@ -81,6 +86,8 @@ class DataConfig:
             raise ValueError("[data] hash fractions must be >= 0 and sum to < 1")
         if self.max_crops < 1:
             raise ValueError("[data] max_crops must be >= 1")
+        if not -60.0 <= self.peak_db <= 0.0:
+            raise ValueError("[data] peak_db must be in [-60, 0] dBFS")
 
 
 @dataclass(frozen=True)
@@ -256,6 +263,8 @@ def prepare_dataset(
             seg = x[off : off + clip_samples]
             clip = np.zeros(clip_samples, dtype=np.float32)
             clip[: seg.size] = seg
+            if cfg.peak_normalise:
+                clip *= 10.0 ** (cfg.peak_db / 20.0) / max(float(np.abs(clip).max()), cfg.silence_peak)
             clips.append(np.round(np.clip(clip, -1.0, 1.0) * 32767.0).astype(np.int16))
             rows.append(
                 {

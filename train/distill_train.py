@@ -44,6 +44,7 @@ from .ctm import (
     teacher_solve,
 )
 from .data import ClipDataset, cache_latents
+from .latent import denormalise, normalise
 from .loop import (
     EMA,
     DistEnv,
@@ -64,7 +65,7 @@ from .loop import (
 from .loop import batches as make_batches
 from .models.config import EDMConfig, ModelConfig, load_model_config, load_toml
 from .models.denoiser import Conditioning, CTMDenoiser
-from .teacher_train import CaptionTable, encode_prompts, normalise
+from .teacher_train import CaptionTable, encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,9 @@ def resolve(
 
 
 def check_same_architecture(a: ModelConfig, b: ModelConfig, what: str) -> None:
-    for part in ("vae", "text", "dit"):
+    if a.latent == "mel" and a.mel.code_fields() != b.mel.code_fields():  # decoder settings may differ
+        raise ValueError(f"{what}: [mel] differs: {a.mel.code_fields()} vs {b.mel.code_fields()}")
+    for part in ("latent", "vae", "text", "dit"):
         if getattr(a, part) != getattr(b, part):
             raise ValueError(f"{what}: [{part}] differs: {getattr(a, part)} vs {getattr(b, part)}")
     for k in ("sigma_min", "sigma_max", "rho", "sigma_data"):
@@ -277,10 +280,10 @@ def train_distill(
         src = load_teacher(teacher)
         check_same_architecture(src.config, model_cfg, f"teacher {teacher} vs config {config}")
         ds = ClipDataset(data)
-        ds.check_matches(model_cfg.vae.sample_rate, model_cfg.dit.latent_frames * model_cfg.vae.latent_hop)
-        vae_id = str(src.provenance.get("vae_id", "teacher-vae"))
+        ds.check_matches(model_cfg.sample_rate, model_cfg.dit.latent_frames * model_cfg.latent_hop)
+        vae_id = str(src.provenance.get("latent_id") or src.provenance.get("vae_id", "teacher-vae"))
         if env.is_main:
-            cache_latents(ds, src.vae, vae_id)  # idempotent: reuses the teacher's cache
+            cache_latents(ds, src.codec, vae_id)  # idempotent: reuses the teacher's cache
         barrier(env)
         latents = np.load(ds.root / "latents" / vae_id / "latents.npy", mmap_mode="r")
         rd = RunDir(run, env)
@@ -331,7 +334,7 @@ def _fit(
     grid = grid_sigmas(dcfg.N, model_cfg.edm).to(dev)
     train_idx = ds.indices("train")
     cap_rows = table.rows(ds.captions)
-    c, T = model_cfg.vae.latent_channels, model_cfg.dit.latent_frames
+    c, T = model_cfg.latent_channels, model_cfg.dit.latent_frames
     local_b = local_batch_size(dcfg.batch_size, env)
     mu, std = src.latent_mean, src.latent_std
     logger.info(
@@ -385,7 +388,7 @@ def _fit(
         out = ModelSource(
             student_model_config(model_cfg, dcfg),
             final,
-            src.vae,
+            src.codec,
             text,
             mu,
             std,
@@ -404,13 +407,13 @@ def write_student_samples(src: ModelSource, ds: ClipDataset, dcfg: DistillConfig
 
     from .edm import sampling_sigmas
     from .sampling import guided_jump, sample_gamma
-    from .teacher_train import denormalise, sample_prompts
+    from .teacher_train import sample_prompts
 
     cfg = src.config
     prompts = sample_prompts(ds, dcfg)  # type: ignore[arg-type]  # duck-typed: .sample_prompts
     uncond = encode_prompts(src.text, [""], cfg.text.max_length)
     g = torch.Generator().manual_seed(dcfg.sample_seed)
-    eps_T = torch.randn(len(prompts), cfg.vae.latent_channels, cfg.dit.latent_frames, generator=g)
+    eps_T = torch.randn(len(prompts), cfg.latent_channels, cfg.dit.latent_frames, generator=g)
     out.mkdir(parents=True, exist_ok=True)
     for steps in dcfg.sample_steps:
         sig = sampling_sigmas(steps, cfg.edm)
@@ -418,7 +421,7 @@ def write_student_samples(src: ModelSource, ds: ClipDataset, dcfg: DistillConfig
             cond = encode_prompts(src.text, [p], cfg.text.max_length)
             jump = guided_jump(src.student, cond, uncond, cfg.edm.default_omega, cfg.edm.default_nu)
             x0 = sample_gamma(jump, sig[0] * eps_T[j : j + 1], sig, 0.0, [], cfg.edm.sigma_min)
-            wav = src.vae.decode(denormalise(x0, src.latent_mean, src.latent_std))[0].numpy()
+            wav = src.codec.decode(denormalise(x0, src.latent_mean, src.latent_std))[0].numpy()
             sf.write(out / f"{j}_steps{steps}.wav", wav, ds.sample_rate)
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
     return out
@@ -449,7 +452,7 @@ def measure_iteration(
     ema = EMA(student, dcfg.ema_decay)
     opt = torch.optim.RAdam(student.parameters(), lr=dcfg.lr, betas=dcfg.betas)
     lossmod = CTMLoss(student, teacher, dcfg.distance, dcfg.lambda_dsm)
-    c, T = model_cfg.vae.latent_channels, model_cfg.dit.latent_frames
+    c, T = model_cfg.latent_channels, model_cfg.dit.latent_frames
     grid = grid_sigmas(dcfg.N, model_cfg.edm)
     prompts = ["a dog barking", "Roland TR-808 snare drum", ""]
     cond_all = encode_prompts(text, [prompts[i % 3] for i in range(batch)], model_cfg.text.max_length)

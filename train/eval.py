@@ -15,7 +15,13 @@ Per row and seed, in an audio embedding (BirdNET by default, train.birdnet):
   * paired_teacher_distance: log-mel L1 (train.losses.mel_l1) between the row's clip and the teacher's clip of
     the same noise, prompt and ω;
   * nn_similarity: cosine similarity of each clip to its nearest training clip (memorisation check);
-  * seconds_per_clip: wall time of sampling + VAE decode per clip, batched, at this process's thread count.
+  * seconds_per_clip: wall time of sampling + decode per clip, batched, at this process's thread count;
+  * level: the fraction of takes whose peak is below −40 dBFS, and of takes with a sample beyond ±1.0 (before
+    the runtime's limiter).
+Per class (the label of the prompt's clip), for the teacher and the γ = 0 student rows, pooled over seeds
+("per_class"): the probe's accuracy on the real test clips of the class and on the generated takes, the most
+frequent wrong label, and the median peak and RMS (dBFS) of real and generated clips — a collapse onto a few
+classes, or a class that comes out 40 dB too quiet, shows here even when the averages look fine.
 Values are means over seeds with 95 % t-intervals. The floor: real clips (valid split, and training clips) vs the
 same real test clips, subsampled to the same size as a generated set, over the same seeds; the probe's accuracy and
 the nearest-neighbour similarity of the real test clips are the references for adherence and memorisation.
@@ -43,10 +49,11 @@ from .checkpoint import ModelSource, load_model_checkpoint
 from .ctm import cfg_teacher_denoiser, student_denoiser
 from .data import ClipDataset
 from .edm import karras_sigmas, sampling_sigmas
+from .latent import denormalise
 from .losses import mel_l1
 from .models.denoiser import Conditioning
 from .sampling import guided_jump, sample_gamma, sample_heun
-from .teacher_train import denormalise, encode_prompts
+from .teacher_train import encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +256,7 @@ def generate(
         cond = encode_prompts(src.text, prompts[j], cfg.text.max_length)
         b = cond.tokens.shape[0]
         x0 = sampler(eps_T[j], cond, uncond1.expand(b), torch.empty(0), [n[j] for n in noises])
-        out.append(src.vae.decode(denormalise(x0, src.latent_mean, src.latent_std)).numpy())
+        out.append(src.codec.decode(denormalise(x0, src.latent_mean, src.latent_std)).numpy())
     return np.concatenate(out), time.perf_counter() - t0
 
 
@@ -356,11 +363,12 @@ def evaluate(
                 ("student", "gamma", steps, 0.0, ablation, student_gamma_sampler(ablation, steps, 0.0, omega, cfg.nu))
             )
 
-    C, T = mc.vae.latent_channels, mc.dit.latent_frames
+    C, T = mc.latent_channels, mc.dit.latent_frames
     warm = torch.randn(1, C, T, generator=torch.Generator().manual_seed(0))
     for *_, src, fn in plans:  # warm-up, so that seconds_per_clip of the first seed is not a cold start
         generate(src, fn, prompts[:1], warm, [warm] * (max([*cfg.steps, 1]) - 1), 1)
     per_row: list[dict[str, list[float]]] = [{} for _ in plans]
+    per_row_clips: list[dict[str, list[Any]]] = [{"pred": [], "peak_db": [], "rms_db": []} for _ in plans]
     floor_acc: dict[str, list[float]] = {}
     max_steps = max([*cfg.steps, 1])
     for seed in cfg.seeds:
@@ -374,6 +382,11 @@ def evaluate(
             if r == 0:
                 teacher_wave = wave
             emb = embed(wave, sr)
+            peak_db, rms_db = level_db(wave)
+            clips = per_row_clips[r]
+            clips["pred"] += probe.predict(emb)
+            clips["peak_db"] += peak_db.tolist()
+            clips["rms_db"] += rms_db.tolist()
             m = per_row[r]
             vals = {
                 "fd": frechet_distance(emb, e_test),
@@ -382,6 +395,8 @@ def evaluate(
                 "paired_teacher_distance": float(mel_l1(torch.from_numpy(wave), torch.from_numpy(teacher_wave), sr)),
                 "nn_similarity": float(nn_similarity(emb, e_train).mean()),
                 "seconds_per_clip": secs / P,
+                "frac_peak_below_-40dB": float((peak_db < -40.0).mean()),
+                "frac_over_full_scale": float((peak_db > 0.0).mean()),
             }
             for k, v in vals.items():
                 m.setdefault(k, []).append(v)
@@ -393,8 +408,10 @@ def evaluate(
             floor_acc.setdefault(f"{name}_fd", []).append(frechet_distance(sub, e_test))
             floor_acc.setdefault(f"{name}_kid", []).append(kid(sub, e_test, cfg.kid_subsets, cfg.kid_subset_size, rng))
 
+    real_peak, real_rms = level_db(ds.wave(test_idx))
+    real_pred = probe.predict(e_test)
     rows = []
-    for (model, sampler_name, steps, gamma, src, _), m in zip(plans, per_row, strict=True):
+    for (model, sampler_name, steps, gamma, src, _), m, clips in zip(plans, per_row, per_row_clips, strict=True):
         row: dict[str, Any] = {
             "model": model,
             "sampler": sampler_name,
@@ -410,6 +427,17 @@ def evaluate(
             row[k] = s["mean"]
             row[f"{k}_ci95"] = s["ci95"]
             row[f"{k}_per_seed"] = s["per_seed"]
+        if model == "teacher" or (sampler_name == "gamma" and gamma == 0.0 and src is not ablation):
+            row["per_class"] = per_class_table(
+                test_labels,
+                real_pred,
+                real_peak,
+                real_rms,
+                prompt_labels * len(cfg.seeds),
+                clips["pred"],
+                np.asarray(clips["peak_db"]),
+                np.asarray(clips["rms_db"]),
+            )
         rows.append(row)
     floor: dict[str, Any] = {
         "set_size": P,
@@ -438,6 +466,95 @@ def evaluate(
         **(paths or {}),
     }
     return {"rows": rows, "floor": floor, "config": config}
+
+
+def level_db(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Peak and RMS in dBFS of each clip [N, samples] -> ([N], [N]) (−120 for digital silence)."""
+    w = np.asarray(wave, dtype=np.float64)
+    peak = np.abs(w).max(axis=1)
+    rms = np.sqrt((w**2).mean(axis=1))
+    return 20 * np.log10(np.maximum(peak, 1e-6)), 20 * np.log10(np.maximum(rms, 1e-6))
+
+
+def per_class_table(
+    real_labels: list[str],
+    real_pred: list[str],
+    real_peak: np.ndarray,
+    real_rms: np.ndarray,
+    gen_labels: list[str],
+    gen_pred: list[str],
+    gen_peak: np.ndarray,
+    gen_rms: np.ndarray,
+) -> dict[str, dict[str, Any]]:
+    """{class: probe accuracy on real / generated clips of the class, the most frequent wrong label of the
+    generated ones, median peak and RMS dBFS of both, and the counts}."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in sorted(set(real_labels) | set(gen_labels)):
+        ri = [i for i, lab in enumerate(real_labels) if lab == c]
+        gi = [i for i, lab in enumerate(gen_labels) if lab == c]
+        wrong = [gen_pred[i] for i in gi if gen_pred[i] != c]
+        top = max(set(wrong), key=wrong.count) if wrong else None
+        out[c] = {
+            "real_clips": len(ri),
+            "generated_clips": len(gi),
+            "probe_real": float(np.mean([real_pred[i] == c for i in ri])) if ri else None,
+            "probe_generated": float(np.mean([gen_pred[i] == c for i in gi])) if gi else None,
+            "top_wrong_label": top,
+            "top_wrong_share": wrong.count(top) / len(gi) if top is not None else 0.0,
+            "real_peak_db_median": float(np.median(real_peak[ri])) if ri else None,
+            "generated_peak_db_median": float(np.median(gen_peak[gi])) if gi else None,
+            "real_rms_db_median": float(np.median(real_rms[ri])) if ri else None,
+            "generated_rms_db_median": float(np.median(gen_rms[gi])) if gi else None,
+        }
+    return out
+
+
+def per_class_markdown(row: dict[str, Any]) -> list[str]:
+    """A per-class table of one row (probe accuracy and level, real vs generated)."""
+    title = f"{row['model']} {row['sampler']} {row['steps']} step(s)" + (
+        f", γ = {row['gamma']}" if row["gamma"] is not None else ""
+    )
+    lines = [
+        "",
+        f"Per class — {title}:",
+        "",
+        "| class | probe real | probe generated | most frequent wrong label | peak dB real / gen | RMS dB real / gen |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def f(v: Any, d: int = 2) -> str:
+        return "–" if v is None else f"{v:.{d}f}"
+
+    for c, r in row["per_class"].items():
+        wrong = f"{r['top_wrong_label']} ({r['top_wrong_share']:.2f})" if r["top_wrong_label"] else "–"
+        lines.append(
+            f"| {c} | {f(r['probe_real'])} | {f(r['probe_generated'])} | {wrong} | "
+            f"{f(r['real_peak_db_median'], 1)} / {f(r['generated_peak_db_median'], 1)} | "
+            f"{f(r['real_rms_db_median'], 1)} / {f(r['generated_rms_db_median'], 1)} |"
+        )
+    return lines
+
+
+def class_target_summary(row: dict[str, Any], min_real: float = 0.5) -> dict[str, Any]:
+    """How many classes with real probe accuracy >= min_real reach half of it in generated takes, and how many
+    are within 6 dB of the real median peak."""
+    eligible = {
+        c: r for c, r in row["per_class"].items() if r["probe_real"] is not None and r["probe_real"] >= min_real
+    }
+    reach = [c for c, r in eligible.items() if (r["probe_generated"] or 0.0) >= 0.5 * r["probe_real"]]
+    level_ok = [
+        c
+        for c, r in row["per_class"].items()
+        if r["real_peak_db_median"] is not None
+        and r["generated_peak_db_median"] is not None
+        and abs(r["generated_peak_db_median"] - r["real_peak_db_median"]) <= 6.0
+    ]
+    return {
+        "eligible_classes": len(eligible),
+        "classes_reaching_half_of_real": len(reach),
+        "classes_within_6db_peak": len(level_ok),
+        "classes": len(row["per_class"]),
+    }
 
 
 def _fmt(v: Any, ci: Any, scale: float = 1.0, digits: int = 2) -> str:
@@ -481,6 +598,22 @@ def markdown(result: dict[str, Any]) -> str:
         f"- NN similarity of real test clips to training clips: mean {f['nn_similarity_real_test']:.3f}, "
         f"p95 {f['nn_similarity_real_test_p95']:.3f}"
     )
+    lines += ["", "| model | steps | takes peak < −40 dBFS | takes beyond ±1.0 |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        if "frac_peak_below_-40dB" in r:
+            lines.append(
+                f"| {r['model']} {r['sampler']} | {r['steps']} | {r['frac_peak_below_-40dB']:.3f} | "
+                f"{r['frac_over_full_scale']:.3f} |"
+            )
+    for r in result["rows"]:
+        if r.get("per_class") and (r["model"] == "teacher" or r["steps"] in (1, 4)):
+            lines += per_class_markdown(r)
+            t = class_target_summary(r)
+            lines.append(
+                f"\n{t['classes_reaching_half_of_real']} of {t['eligible_classes']} classes with real probe "
+                f"accuracy ≥ 0.5 reach half of it; {t['classes_within_6db_peak']} of {t['classes']} classes have a "
+                "median peak within 6 dB of the real one."
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -7,12 +7,16 @@ signal metrics of report.py:
   * FD and KID of the reconstructions against a fixed reference set of real training clips, with the real test
     clips themselves as the floor;
   * probe accuracy: a ridge probe fitted on embeddings of real training clips (ridge chosen on valid, as in
-    `soundctm-rt eval`) predicts each reconstruction's class label.
+    `soundctm-rt eval`) predicts each reconstruction's class label;
+  * 95 % bootstrap intervals of KID and probe accuracy over the test clips (`ci_kid_x1e3`, `ci_probe_accuracy`),
+    and each method's wall time per clip (`ms_per_clip`), so a decoder can be chosen from a quality-versus-time
+    curve and adopted "at least as good within the interval".
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +37,7 @@ def embedding_report(
     max_train_clips: int = 800,
     batch: int = 16,
     seed: int = 0,
+    bootstrap: int = 200,
 ) -> dict[str, Any]:
     """{"real_test": floor figures, <method>: figures, "config": ...} on the test split (module docstring)."""
     sr = ds.sample_rate
@@ -56,21 +61,29 @@ def embedding_report(
     cfg = EvalConfig()
     rng = np.random.default_rng(seed)
 
-    def figures(e: np.ndarray) -> dict[str, float]:
+    boot = np.random.default_rng(seed + 1).integers(0, len(test_idx), (bootstrap, len(test_idx)))
+
+    def figures(e: np.ndarray) -> dict[str, Any]:
+        correct = np.array([p == t for p, t in zip(probe.predict(e), test_labels, strict=True)], dtype=np.float64)
+        kids = [1e3 * kid(e[b], e_ref, 1, 0, rng) for b in boot]  # one full-size subset per resample
         return {
             "fd": frechet_distance(e, e_ref),
             "kid_x1e3": 1e3 * kid(e, e_ref, cfg.kid_subsets, cfg.kid_subset_size, rng),
-            "probe_accuracy": probe.accuracy(e, test_labels),
+            "probe_accuracy": float(correct.mean()),
+            "ci_kid_x1e3": [float(np.percentile(kids, 2.5)), float(np.percentile(kids, 97.5))],
+            "ci_probe_accuracy": [float(v) for v in np.percentile(correct[boot].mean(1), [2.5, 97.5])],
         }
 
     real = ds.wave(test_idx)
     out: dict[str, Any] = {"real_test": figures(emb(real))}
     for name, fn in methods.items():
+        t0 = time.perf_counter()
         with torch.no_grad():
             rec = np.concatenate(
                 [fn(torch.from_numpy(real[i : i + batch])).numpy() for i in range(0, len(real), batch)]
             )
-        out[name] = figures(emb(rec))
+        ms = 1e3 * (time.perf_counter() - t0) / len(real)
+        out[name] = {**figures(emb(rec)), "ms_per_clip": ms}
         logger.info("%s: %s", name, out[name])
     out["config"] = {
         "embedding": embed.name,
@@ -83,14 +96,25 @@ def embedding_report(
     return out
 
 
-def adoption_verdict(report: dict[str, Any], learned: str, baselines: list[str]) -> dict[str, Any]:
-    """Whether `learned` beats every baseline on both KID (lower) and probe accuracy (higher)."""
+def adoption_verdict(
+    report: dict[str, Any], learned: str, baselines: list[str], within_ci: bool = False
+) -> dict[str, Any]:
+    """Whether `learned` is better than every baseline on both KID (lower) and probe accuracy (higher); with
+    `within_ci`, "at least as good within the interval": its KID no higher than the baseline's upper 95 % bound
+    and its probe accuracy no lower than the baseline's lower bound."""
     r = report[learned]
-    beats = {
-        b: {
-            "kid": r["kid_x1e3"] < report[b]["kid_x1e3"],
-            "probe_accuracy": r["probe_accuracy"] > report[b]["probe_accuracy"],
+
+    def ok(b: str) -> dict[str, bool]:
+        base = report[b]
+        if within_ci:
+            return {
+                "kid": r["kid_x1e3"] <= base["ci_kid_x1e3"][1],
+                "probe_accuracy": r["probe_accuracy"] >= base["ci_probe_accuracy"][0],
+            }
+        return {
+            "kid": r["kid_x1e3"] < base["kid_x1e3"],
+            "probe_accuracy": r["probe_accuracy"] > base["probe_accuracy"],
         }
-        for b in baselines
-    }
-    return {"adopt": all(all(v.values()) for v in beats.values()), "beats": beats}
+
+    beats = {b: ok(b) for b in baselines}
+    return {"adopt": all(all(v.values()) for v in beats.values()), "beats": beats, "within_ci": within_ci}

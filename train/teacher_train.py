@@ -1,6 +1,7 @@
-"""Stage 2: train the EDM teacher D_φ (METHOD §1) over normalised VAE latents (METHOD §5).
+"""Stage 2: train the EDM teacher D_φ (METHOD §1) over the normalised latent (METHOD §5, §5b).
 
-Per step: x0 = 0.5·(z − μ_c)/std_c of cached VAE latents; ln σ ~ N(−1.2, 1.2²); captions replaced by "" with
+The latent is the config's (train.latent): the fixed log-mel code, or the latents of a finished VAE run (--vae).
+Per step: x0 = 0.5·(z − μ_c)/std_c of the cached latents; ln σ ~ N(−1.2, 1.2²); captions replaced by "" with
 probability `caption_dropout` (0.1, METHOD §3.1's rate, which the CFG of §3.5 needs); loss
 mean(w(σ)·(D(x0 + σ·ε, σ, c) − x0)²) with w(σ) = (σ² + σ_d²)/(σ·σ_d)² (losses.edm_loss). EMA of the weights
 (μ = ema_decay) is what samples and the final files use. Text: the frozen TextEncoder encodes every distinct
@@ -8,11 +9,11 @@ caption of the dataset once at start (an in-memory table; "" is row 0).
 
 Samples (rank 0, every `sample_every` steps and at the end): Heun (train.sampling.sample_heun) on the Karras
 grid of `sample_steps` points with the CFG denoiser (sampling.cfg_denoiser, ω = sample_omega), decoded by
-the VAE, for captions of the *test* split: WAVs and a spectrogram PNG under samples/teacher_<step>/.
+the codec, for captions of the *test* split: WAVs and a spectrogram PNG under samples/teacher_<step>/.
 
 Final files: final/teacher_ema.safetensors (+ _fp16) — the DiT's EMA weights with the model config in the
 metadata — and final/teacher_model.safetensors, the train.checkpoint format (teacher in the student slot, with
-the VAE and the latent statistics, fp32), which distillation and export can load with load_model_checkpoint.
+the codec and the latent statistics, fp32), which distillation and export can load with load_model_checkpoint.
 """
 
 from __future__ import annotations
@@ -30,15 +31,15 @@ import torch
 from torch import nn
 
 from .checkpoint import ModelSource, save_model_checkpoint
-from .data import ClipDataset, cache_latents
+from .data import ClipDataset
 from .edm import karras_sigmas
+from .latent import denormalise, normalise, resolve_latent
 from .loop import (
     EMA,
     DistEnv,
     IntervalMeans,
     RunDir,
     apply_overrides,
-    barrier,
     build_table,
     configure_logging,
     init_distributed,
@@ -57,9 +58,7 @@ from .models.config import ModelConfig, load_model_config, load_toml
 from .models.denoiser import Conditioning, CTMDenoiser
 from .models.dit import DiT
 from .models.text import TextEncoder, load_tokenizer, tokenize
-from .models.vae import VAE
 from .sampling import cfg_denoiser, sample_heun
-from .vae_train import load_latent_stats, load_vae_run
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class TeacherTrainConfig:
 
 
 def resolve(
-    config: str | Path, data: str | Path, vae: str | Path, **overrides: Any
+    config: str | Path, data: str | Path, vae: str | Path | None, **overrides: Any
 ) -> tuple[ModelConfig, TeacherTrainConfig, dict]:
     """Model config, stage config (with CLI overrides) and the resolved dictionary saved in the run dir."""
     doc = load_toml(config)
@@ -107,7 +106,7 @@ def resolve(
         "stage": "teacher",
         "config_source": str(config),
         "data": str(Path(data).resolve()),
-        "vae_run": str(Path(vae).resolve()),
+        "vae_run": str(Path(vae).resolve()) if vae is not None else None,
         "model": model_cfg.to_dict(),
         "teacher_train": dataclasses.asdict(tcfg),
     }
@@ -158,41 +157,24 @@ class TeacherLoss(nn.Module):
         return edm_loss(lambda x, s: self.denoiser.D(x, s, cond), x0, sigma, eps, self.denoiser.sigma_data)
 
 
-def normalise(z: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """z' = 0.5·(z − μ_c)/std_c over [.., C, T]  # METHOD §5"""
-    return 0.5 * (z - mu[:, None]) / std[:, None]
-
-
-def denormalise(zn: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """z = 2·std_c·z' + μ_c  # METHOD §5"""
-    return 2.0 * std[:, None] * zn + mu[:, None]
-
-
 def train_teacher(
     config: str | Path,
     data: str | Path,
-    vae: str | Path,
+    vae: str | Path | None,
     run: str | Path,
     max_steps: int | None = None,
     resume: bool = False,
     threads: int | None = None,
     **overrides: Any,
 ) -> Path:
-    """Train (or resume) a teacher run over the latents of a finished VAE run; returns the run directory."""
+    """Train (or resume) a teacher run over the config's latent (`vae`: a finished VAE run, for latent = "vae")."""
     env = init_distributed(threads)
     configure_logging(env)
     try:
         model_cfg, tcfg, resolved = resolve(config, data, vae, **overrides)
         ds = ClipDataset(data)
-        ds.check_matches(model_cfg.vae.sample_rate, model_cfg.dit.latent_frames * model_cfg.vae.latent_hop)
-        vae_model, vae_cfg, vae_id = load_vae_run(vae)
-        if vae_cfg.vae != model_cfg.vae:
-            raise ValueError(f"the VAE run {vae} was trained with [vae] {vae_cfg.vae}, the config has {model_cfg.vae}")
-        mu, std = load_latent_stats(vae)
-        if env.is_main:  # once per VAE; usually already written by the VAE run's finalisation
-            cache_latents(ds, vae_model, vae_id)
-        barrier(env)
-        latents = np.load(ds.root / "latents" / vae_id / "latents.npy", mmap_mode="r")
+        ds.check_matches(model_cfg.sample_rate, model_cfg.dit.latent_frames * model_cfg.latent_hop)
+        codec, latents, mu, std, provenance = resolve_latent(model_cfg, ds, vae, env)
         rd = RunDir(run, env)
         state = rd.start(resolved, resume)
         _fit(
@@ -203,11 +185,11 @@ def train_teacher(
             tcfg,
             ds,
             latents,
-            vae_model,
+            codec,
             mu,
             std,
             max_steps or tcfg.steps,
-            {"vae_run": str(Path(vae).resolve()), "vae_id": vae_id},
+            provenance,
         )
         return rd.path
     finally:
@@ -222,7 +204,7 @@ def _fit(
     tcfg: TeacherTrainConfig,
     ds: ClipDataset,
     latents: np.ndarray,
-    vae: VAE,
+    codec: nn.Module,
     mu: torch.Tensor,
     std: torch.Tensor,
     end_step: int,
@@ -232,7 +214,7 @@ def _fit(
     table = CaptionTable(text, ds.captions, model_cfg.text.max_length)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     denoiser = CTMDenoiser(
-        DiT(model_cfg.dit, model_cfg.vae.latent_channels, text.hidden_size), model_cfg.edm.sigma_data
+        DiT(model_cfg.dit, model_cfg.latent_channels, text.hidden_size), model_cfg.edm.sigma_data
     ).to(env.device)
     ema = EMA(denoiser, tcfg.ema_decay)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
@@ -252,7 +234,7 @@ def _fit(
     dev = env.device
     train_idx = ds.indices("train")
     cap_rows = table.rows(ds.captions)
-    c, T = model_cfg.vae.latent_channels, model_cfg.dit.latent_frames
+    c, T = model_cfg.latent_channels, model_cfg.dit.latent_frames
     local_b = local_batch_size(tcfg.batch_size, env)
     logger.info(
         "teacher %s params, %d training clips, %d captions, %d steps (global batch %d), %d process(es)",
@@ -309,7 +291,7 @@ def _fit(
             write_samples(
                 ema_cpu,
                 text,
-                vae,
+                codec,
                 mu,
                 std,
                 ds,
@@ -331,7 +313,7 @@ def _fit(
         src = ModelSource(
             model_cfg,
             final,
-            vae,
+            codec,
             text,
             mu,
             std,
@@ -377,7 +359,7 @@ def sample_prompts(ds: ClipDataset, tcfg: TeacherTrainConfig, k: int = 8) -> lis
 def generate(
     denoiser: CTMDenoiser,
     text: TextEncoder,
-    vae: VAE,
+    codec: nn.Module,
     mu: torch.Tensor,
     std: torch.Tensor,
     prompts: list[str],
@@ -391,18 +373,16 @@ def generate(
     cond = encode_prompts(text, prompts, model_cfg.text.max_length)
     uncond = encode_prompts(text, [""], model_cfg.text.max_length)
     g = torch.Generator().manual_seed(seed)
-    x_T = e.sigma_max * torch.randn(
-        len(prompts), model_cfg.vae.latent_channels, model_cfg.dit.latent_frames, generator=g
-    )
+    x_T = e.sigma_max * torch.randn(len(prompts), model_cfg.latent_channels, model_cfg.dit.latent_frames, generator=g)
     sigmas = karras_sigmas(steps, e.sigma_min, e.sigma_max, e.rho)
     x0 = sample_heun(cfg_denoiser(denoiser, cond, uncond, omega), x_T, sigmas)
-    return vae.decode(denormalise(x0, mu, std))
+    return codec.decode(denormalise(x0, mu, std))
 
 
 def write_samples(
     denoiser: CTMDenoiser,
     text: TextEncoder,
-    vae: VAE,
+    codec: nn.Module,
     mu: torch.Tensor,
     std: torch.Tensor,
     ds: ClipDataset,
@@ -419,7 +399,7 @@ def write_samples(
     wav = generate(
         denoiser,
         text,
-        vae,
+        codec,
         mu,
         std,
         prompts,

@@ -117,6 +117,9 @@ REPLIES = {
     "done": "/soundctm/done id latency_ms rtf audio_seconds total_ms [path] — latency_ms: OSC receipt to the "
     "DAC time of the voice's first sample (0 for preload/render)",
     "fail": "/soundctm/fail command reason [id] — refused or failed; id when the job had been acked",
+    "warn": "/soundctm/warn id reason — the prompt of job id is far from every caption the model was trained on "
+    "(reason names the nearest ones); sent before the job's audio and /done by generate, preload, render and a "
+    "trigger that generates, when the bundle lists known prompts; the job still runs",
     "status.reply": "/soundctm/status.reply key value ... — see docs/osc.md",
     "pong": "/soundctm/pong",
 }

@@ -22,6 +22,7 @@ from .mixer import Mixer, StreamResampler, Voice, resample
 log = logging.getLogger(__name__)
 
 Reply = Callable[..., None]  # reply(client, address, *args)
+MAX_WARN_CHARS = 1000  # a /warn reason names a long prompt and three captions; a datagram stays well under 8 KiB
 
 
 @dataclass
@@ -116,6 +117,17 @@ class Worker:
         self.failed += 1
         self.reply(job.client, "/soundctm/fail", job.command, reason, job.id)
 
+    def warn_if_far(self, job: Job) -> None:
+        """Send /warn when the job's prompt is far from every caption the model was trained on. Advice only: a
+        failed check is logged, never the job's failure."""
+        try:
+            reason = self.engine.prompt_warning(job.prompt)
+        except Exception:
+            log.warning("known-prompt check of job %d failed", job.id, exc_info=True)
+            return
+        if reason:
+            self.reply(job.client, "/soundctm/warn", job.id, reason[:MAX_WARN_CHARS])
+
     def _finish(self, job: Job) -> None:
         """Send /done once both halves are known (called from the worker and from the mixer thread)."""
         with job.lock:
@@ -194,6 +206,7 @@ class Worker:
 
     def _run_job(self, job: Job) -> None:
         eng = self.engine
+        self.warn_if_far(job)  # every job here generates: the warning comes before its audio and /done
         if job.command in ("generate", "trigger"):
             take = self._stream_into_voice(job)
             if job.command == "trigger":

@@ -1,7 +1,12 @@
 """Architecture configs: one frozen dataclass per component, loadable from TOML (STYLE rule 3).
 
 A named config (`tiny`, `cpu`, `gpu`) is a TOML file in `train/configs/`; any other path to a TOML file works
-too. Only the `[vae]`, `[dit]`, `[text]` and `[edm]` tables are read here: training stages read their own tables.
+too. Only the top-level `latent` key and the `[mel]`, `[vae]`, `[dit]`, `[text]` and `[edm]` tables are read
+here: training stages read their own tables.
+
+`latent` picks the diffusion latent (METHOD §5, §5b): "mel", the fixed log-mel code of `[mel]`
+(soundctm_rt.melcode), or "vae", the learned VAE of `[vae]`. Both expose the same contract through the
+ModelConfig properties `latent_channels`, `latent_hop`, `latent_rate` and `sample_rate`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+
+from soundctm_rt.melcode import MelCodeConfig
+
+LATENT_KINDS = ("mel", "vae")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -116,10 +125,34 @@ class ModelConfig:
     """Everything that fixes an architecture: what `export --init random --config NAME` builds."""
 
     name: str = "custom"
+    latent: str = "vae"  # "mel" | "vae" (module docstring); "vae" when a stored config predates the key
+    mel: MelCodeConfig = field(default_factory=MelCodeConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.latent in LATENT_KINDS, f"latent must be one of {LATENT_KINDS}, not {self.latent!r}")
+
+    @property
+    def latent_channels(self) -> int:
+        """C of the latent [B, C, T]: mel bins or VAE channels."""
+        return self.mel.n_mels if self.latent == "mel" else self.vae.latent_channels
+
+    @property
+    def latent_hop(self) -> int:
+        """Audio samples per latent frame."""
+        return self.mel.hop if self.latent == "mel" else self.vae.latent_hop
+
+    @property
+    def latent_rate(self) -> float:
+        """Latent frames per second."""
+        return self.sample_rate / self.latent_hop
+
+    @property
+    def sample_rate(self) -> int:
+        return self.mel.sample_rate if self.latent == "mel" else self.vae.sample_rate
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,6 +161,8 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any], name: str = "custom") -> ModelConfig:
         return cls(
             name=str(d.get("name", name)),
+            latent=str(d.get("latent", "vae")),
+            mel=_build(MelCodeConfig, d.get("mel", {}), "mel"),
             vae=_build(VAEConfig, d.get("vae", {}), "vae"),
             text=_build(TextConfig, d.get("text", {}), "text"),
             dit=_build(DiTConfig, d.get("dit", {}), "dit"),

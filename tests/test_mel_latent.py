@@ -1,0 +1,189 @@
+"""The fixed log-mel latent (METHOD §5b): one code in numpy and torch, a decoder that streams exactly, keeps the
+level and the spectrum, and a tiny-mel model that trains, exports and generates through the runtime."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from soundctm_rt.bundle import Bundle, BundleError
+from soundctm_rt.melcode import MelCodeConfig, MelDecoder, log_mel, mel_filterbank, stft_magnitude
+
+SR = 44100
+
+
+def _signals(n: int) -> np.ndarray:
+    """[3, n]: a 440 Hz tone with a decay, a noise burst with a sharp attack, a click train."""
+    t = np.arange(n) / SR
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t) * np.exp(-2 * t)
+    rng = np.random.default_rng(0)
+    burst = np.zeros(n)
+    a = n // 3
+    burst[a:] = rng.standard_normal(n - a) * 0.3 * np.exp(-20 * t[: n - a])
+    clicks = np.zeros(n)
+    clicks[:: SR // 8] = 0.9
+    return np.stack([tone, burst, clicks]).astype(np.float32)
+
+
+def test_filterbank_is_slaney_and_covers_the_band():
+    cfg = MelCodeConfig()
+    fb = mel_filterbank(cfg)
+    assert fb.shape == (128, 1025) and fb.min() >= 0
+    # every bin between the first and last filter centre is covered; the area normalisation makes the filters'
+    # peaks fall as they widen
+    covered = fb.sum(0) > 0
+    assert covered[2:-2].all()
+    assert fb[0].max() > fb[-1].max()
+
+
+def test_torch_encode_matches_numpy_code():
+    from soundctm_rt.train.latent import MelCodec
+
+    cfg = MelCodeConfig()
+    w = _signals(64 * cfg.hop)
+    z_np = log_mel(w, cfg)
+    z_t, logvar = MelCodec(cfg).encode(torch.from_numpy(w))
+    assert z_np.shape == (3, 128, 64)
+    np.testing.assert_allclose(z_t.numpy(), z_np, atol=5e-3)  # float32 FFTs differ near the log floor
+    assert float(logvar.abs().max()) == 0.0
+
+
+def test_stream_concatenates_to_decode_and_first_chunk_is_short():
+    cfg = MelCodeConfig(iterations=8)
+    dec = MelDecoder(cfg)
+    z = log_mel(_signals(40 * cfg.hop), cfg)
+    chunks = list(dec.stream(z))
+    assert [c.shape[-1] for c in chunks] == [16 * cfg.hop, 16 * cfg.hop, 8 * cfg.hop]
+    np.testing.assert_array_equal(np.concatenate(chunks, -1), dec.decode(z))
+
+
+def _mel_l1(w: np.ndarray, y: np.ndarray, cfg: MelCodeConfig) -> np.ndarray:
+    return np.abs(log_mel(w, cfg) - log_mel(y, cfg)).mean(axis=(1, 2))
+
+
+def test_round_trip_keeps_spectrum_and_level():
+    cfg = MelCodeConfig(iterations=16)
+    w = _signals(32 * cfg.hop)
+    y = MelDecoder(cfg).decode(log_mel(w, cfg))
+    assert y.shape == w.shape and np.isfinite(y).all()
+    assert (_mel_l1(w, y, cfg)[:2] < 0.3).all()
+    # clicks stay clicks: the loudest analysis frames of the decoded train are the clicks' frames
+    e_in, e_out = stft_magnitude(w[2:], cfg)[0].sum(0), stft_magnitude(y[2:], cfg)[0].sum(0)
+    assert set(np.argsort(e_out)[-4:]) <= set(np.argsort(e_in)[-6:])
+    # level: RMS within 3 dB (the click train too, thanks to the per-frame level correction); peaks within
+    # 4.5 dB for the tone and the burst (a 2048-sample code smears a one-sample click's peak, not its energy)
+    rms = 20 * np.log10(np.sqrt((y**2).mean(1)) / np.sqrt((w**2).mean(1)))
+    peak = 20 * np.log10(np.abs(y).max(1) / np.abs(w).max(1))
+    assert np.abs(rms).max() < 3.0, rms
+    assert np.abs(peak[:2]).max() < 4.5, peak
+    # a tone stays a tone: the spectral peak of the decoded tone is at 440 Hz
+    spec = stft_magnitude(y[:1], cfg)[0].mean(1)
+    assert abs(int(spec.argmax()) * SR / cfg.n_fft - 440) < 2 * SR / cfg.n_fft
+
+
+def test_more_iterations_and_momentum_help():
+    w = _signals(32 * 1024)
+    errs = {}
+    for it, mom in ((0, 0.99), (4, 0.0), (16, 0.99)):
+        cfg = MelCodeConfig(iterations=it, momentum=mom)
+        y = MelDecoder(cfg).decode(log_mel(w, cfg))
+        S, S2 = stft_magnitude(w, cfg), stft_magnitude(y, cfg)
+        errs[(it, mom)] = float(np.linalg.norm(S - S2) / np.linalg.norm(S))
+    assert errs[(16, 0.99)] < errs[(4, 0.0)] < errs[(0, 0.99)], errs
+
+
+def test_chunked_decoding_is_close_to_whole_clip_griffin_lim():
+    w = _signals(32 * 1024)
+    cfg = MelCodeConfig(iterations=16)
+    whole = dataclasses.replace(cfg, chunk_frames=32)
+    e_chunk = _mel_l1(w, MelDecoder(cfg).decode(log_mel(w, cfg)), cfg)
+    e_whole = _mel_l1(w, MelDecoder(whole).decode(log_mel(w, whole)), cfg)
+    assert (e_chunk < e_whole + 0.05).all(), (e_chunk, e_whole)
+
+
+def test_intensity_from_the_mel_matches_the_waveform_rms():
+    from soundctm_rt.train.latent import MelCodec
+
+    cfg = MelCodeConfig()
+    n = 32 * cfg.hop
+    t = np.arange(n) / SR
+    w = np.stack([0.1 * np.random.default_rng(1).standard_normal(n), np.sin(2 * np.pi * 440 * t)]).astype(np.float32)
+    db = MelCodec(cfg).intensity_db(torch.from_numpy(log_mel(w, cfg)))
+    rms_db = 20 * np.log10(np.sqrt((w**2).mean(1)))
+    np.testing.assert_allclose(db[:, 4:-4].mean(1).numpy(), rms_db, atol=1.5)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="syn_hop"):
+        MelCodeConfig(syn_hop=300)
+    with pytest.raises(ValueError, match="momentum"):
+        MelCodeConfig(momentum=1.0)
+
+
+# ---- the tiny-mel model through export and the runtime ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_mel_bundle(tmp_path_factory):
+    from soundctm_rt.export.pipeline import ExportOptions, export_bundle
+    from soundctm_rt.train.checkpoint import init_random
+    from soundctm_rt.train.models.config import load_model_config
+
+    src = init_random(load_model_config("tiny-mel"), seed=0)
+    return export_bundle(src, tmp_path_factory.mktemp("mel") / "b", ExportOptions(steps=(1, 2)))
+
+
+def test_mel_bundle_has_no_decoder_graphs_and_states_its_code(tiny_mel_bundle):
+    b = Bundle.open(tiny_mel_bundle)
+    lat = b.manifest["latent"]
+    assert lat["kind"] == "mel" and lat["mel"]["n_mels"] == lat["channels"] == 32
+    assert len(lat["mean"]) == 32 and len(lat["std"]) == 32
+    assert not {"vae_decoder", "vae_decoder_stream"} & set(b.graphs)
+    assert b.graph("fused_1").attrs["decode"] is False
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_mel_engine_fused_host_and_stream_agree(tiny_mel_bundle, backend):
+    from soundctm_rt.engine import Engine
+
+    eng = Engine(tiny_mel_bundle, backend=backend)
+    fused, tf = eng.generate("a dog barking", seed=3, steps=2, fused=True)
+    host, th = eng.generate("a dog barking", seed=3, steps=2, fused=False)
+    streamed = np.concatenate(list(eng.stream("a dog barking", seed=3, steps=2)))
+    assert tf.path == "fused" and th.path == "host"
+    assert fused.shape == (16 * 1024,) and np.isfinite(fused).all()
+    scale = float(np.abs(host).max())
+    np.testing.assert_allclose(fused, host, atol=1e-3 * scale)
+    np.testing.assert_array_equal(streamed, host)
+
+
+def test_mel_bundle_without_its_code_is_refused(tiny_mel_bundle, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_mel_bundle, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    del m["latent"]["mel"]
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="lacks"):
+        Bundle.open(bad)
+    m["latent"]["mel"] = {"n_mels": 32}
+    m["latent"]["std"] = m["latent"]["std"][:5]
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="do not match"):
+        Bundle.open(bad)
+
+
+def test_soft_limit_never_reaches_full_scale_and_keeps_quiet_samples():
+    from soundctm_rt.level import soft_limit
+
+    x = np.linspace(-3, 3, 6001, dtype=np.float32)
+    y = soft_limit(x.copy())
+    assert np.abs(y).max() < 1.0
+    quiet = np.abs(x) <= 0.9
+    np.testing.assert_array_equal(y[quiet], x[quiet])
+    assert (np.diff(y) >= 0).all()  # monotonic: no fold-over distortion
