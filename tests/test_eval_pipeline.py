@@ -174,6 +174,21 @@ def test_eval_command_on_the_tiny_student(
     assert "Per class — teacher heun 3" in text and "Per class — student gamma 1 step(s), γ = 0.0" in text
 
 
+def test_eval_of_the_teacher_alone(teacher_run: Path, distill_dataset: Path, tmp_path: Path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from soundctm_rt.cli import app
+
+    out = tmp_path / "teacher.json"
+    args = ["eval", "--teacher", str(teacher_run), "--data", str(distill_dataset), "--json", str(out)]
+    args += ["--seeds", "0", "--max-prompts", "0", "--embedding", "logmel", "--teacher-steps", "3", "--threads", "1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["sampler"]) for r in rows] == [("teacher", "heun")]
+    assert rows[0]["per_class"] and "Per class — teacher heun 3" in res.output
+
+
 def test_reconstruction_embedding_report_and_verdict(distill_dataset: Path):  # noqa: F811
     """The data README's VAE adoption test: identity beats a destructive 'reconstruction' on KID and probe."""
     import torch

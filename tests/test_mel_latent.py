@@ -53,11 +53,11 @@ def test_torch_encode_matches_numpy_code():
 
 
 def test_stream_concatenates_to_decode_and_first_chunk_is_short():
-    cfg = MelCodeConfig(iterations=8)
+    cfg = MelCodeConfig(iterations=8, chunk_frames=32)
     dec = MelDecoder(cfg)
-    z = log_mel(_signals(40 * cfg.hop), cfg)
+    z = log_mel(_signals(80 * cfg.hop), cfg)
     chunks = list(dec.stream(z))
-    assert [c.shape[-1] for c in chunks] == [16 * cfg.hop, 16 * cfg.hop, 8 * cfg.hop]
+    assert [c.shape[-1] for c in chunks] == [32 * cfg.hop, 32 * cfg.hop, 16 * cfg.hop]
     np.testing.assert_array_equal(np.concatenate(chunks, -1), dec.decode(z))
 
 
@@ -67,10 +67,10 @@ def _mel_l1(w: np.ndarray, y: np.ndarray, cfg: MelCodeConfig) -> np.ndarray:
 
 def test_round_trip_keeps_spectrum_and_level():
     cfg = MelCodeConfig(iterations=16)
-    w = _signals(32 * cfg.hop)
+    w = _signals(64 * cfg.hop)
     y = MelDecoder(cfg).decode(log_mel(w, cfg))
     assert y.shape == w.shape and np.isfinite(y).all()
-    assert (_mel_l1(w, y, cfg)[:2] < 0.3).all()
+    assert (_mel_l1(w, y, cfg)[:2] < 0.35).all()  # a broken decoder reads > 1.5
     # clicks stay clicks: the loudest analysis frames of the decoded train are the clicks' frames
     e_in, e_out = stft_magnitude(w[2:], cfg)[0].sum(0), stft_magnitude(y[2:], cfg)[0].sum(0)
     assert set(np.argsort(e_out)[-4:]) <= set(np.argsort(e_in)[-6:])
@@ -99,7 +99,7 @@ def test_more_iterations_and_momentum_help():
 def test_chunked_decoding_is_close_to_whole_clip_griffin_lim():
     w = _signals(32 * 1024)
     cfg = MelCodeConfig(iterations=16)
-    whole = dataclasses.replace(cfg, chunk_frames=32)
+    whole = dataclasses.replace(cfg, chunk_frames=64)  # one chunk: plain fast Griffin-Lim over the clip
     e_chunk = _mel_l1(w, MelDecoder(cfg).decode(log_mel(w, cfg)), cfg)
     e_whole = _mel_l1(w, MelDecoder(whole).decode(log_mel(w, whole)), cfg)
     assert (e_chunk < e_whole + 0.05).all(), (e_chunk, e_whole)
@@ -140,7 +140,7 @@ def tiny_mel_bundle(tmp_path_factory):
 def test_mel_bundle_has_no_decoder_graphs_and_states_its_code(tiny_mel_bundle):
     b = Bundle.open(tiny_mel_bundle)
     lat = b.manifest["latent"]
-    assert lat["kind"] == "mel" and lat["mel"]["n_mels"] == lat["channels"] == 32
+    assert lat["kind"] == "mel" and lat["mel"]["n_mels"] == lat["channels"] == 32 and lat["hop"] == 512
     assert len(lat["mean"]) == 32 and len(lat["std"]) == 32
     assert not {"vae_decoder", "vae_decoder_stream"} & set(b.graphs)
     assert b.graph("fused_1").attrs["decode"] is False
@@ -183,7 +183,7 @@ def test_soft_limit_never_reaches_full_scale_and_keeps_quiet_samples():
 
     x = np.linspace(-3, 3, 6001, dtype=np.float32)
     y = soft_limit(x.copy())
-    assert np.abs(y).max() < 1.0
+    assert np.abs(y).max() <= 0.999
     quiet = np.abs(x) <= 0.9
     np.testing.assert_array_equal(y[quiet], x[quiet])
     assert (np.diff(y) >= 0).all()  # monotonic: no fold-over distortion

@@ -153,7 +153,7 @@ def test_teacher_on_the_mel_code_trains_then_distils(dataset: Path, tmp_path: Pa
     assert isinstance(src.codec, MelCodec) and src.latent_std.shape == (32,)
     assert src.provenance["latent"] == "mel"
     z = src.codec.encode(torch.zeros(1, 16 * 1024))[0]
-    assert z.shape == (1, 32, 16)
+    assert z.shape == (1, 32, 32)
     student = train_distill("tiny-mel", run, dataset, tmp_path / "student", threads=1, steps=2, sample_steps=())
     out = load_model_checkpoint(student / "final" / "student_model.safetensors")
     assert isinstance(out.codec, MelCodec) and torch.equal(out.latent_mean, src.latent_mean)

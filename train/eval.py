@@ -303,7 +303,7 @@ def _run_name(src: ModelSource) -> str:
 
 
 def evaluate(
-    student: ModelSource,
+    student: ModelSource | None,
     teacher: ModelSource,
     ds: ClipDataset,
     embed: Embedding,
@@ -311,8 +311,9 @@ def evaluate(
     ablation: ModelSource | None = None,
     paths: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The evaluation table as a JSON-able dict {"rows", "floor", "config"} (module docstring)."""
-    mc = student.config
+    """The evaluation table as a JSON-able dict {"rows", "floor", "config"} (module docstring). Without a
+    student only the teacher row is measured."""
+    mc = (student or teacher).config
     omega = cfg.omega or mc.edm.default_omega
     sr = ds.sample_rate
     labels = clip_labels(ds)
@@ -348,12 +349,12 @@ def evaluate(
     plans: list[tuple[str, str, int, float, ModelSource, Sampler]] = [
         ("teacher", "heun", cfg.teacher_steps, 0.0, teacher, teacher_sampler(teacher, cfg.teacher_steps, omega))
     ]
-    for steps in cfg.steps:
+    for steps in cfg.steps if student is not None else ():
         for gamma in cfg.gammas:
             plans.append(
                 ("student", "gamma", steps, gamma, student, student_gamma_sampler(student, steps, gamma, omega, cfg.nu))
             )
-    if cfg.ode_steps:
+    if cfg.ode_steps and student is not None:
         plans.append(
             ("student", "ode", cfg.ode_steps, 0.0, student, student_ode_sampler(student, cfg.ode_steps, omega, cfg.nu))
         )
@@ -462,7 +463,8 @@ def evaluate(
         "valid_clips": len(valid_idx),
         "torch_threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        "student_provenance": student.provenance,
+        "student_provenance": student.provenance if student is not None else None,
+        "teacher_provenance": teacher.provenance,
         **(paths or {}),
     }
     return {"rows": rows, "floor": floor, "config": config}

@@ -18,7 +18,11 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 
 
 def eval_command(
-    student: Path = typer.Option(..., "--student", help="`train distill` run directory (or its checkpoint file)"),
+    student: Path = typer.Option(
+        None,
+        "--student",
+        help="`train distill` run directory (or its checkpoint file); omit to judge the teacher alone",
+    ),
     teacher: Path = typer.Option(..., "--teacher", help="`train teacher` run directory (or its checkpoint file)"),
     data: Path = typer.Option(..., "--data", help="prepared dataset directory (its test split gives the prompts)"),
     json_path: Path = typer.Option(..., "--json", help="write the result here"),
@@ -71,14 +75,14 @@ def eval_command(
         torch.set_num_threads(threads)
     embed = make_embedding(cfg.embedding, threads=threads or 1)
     result = evaluate(
-        load_checkpoint_of(student, STUDENT_CHECKPOINT),
+        load_checkpoint_of(student, STUDENT_CHECKPOINT) if student else None,
         load_checkpoint_of(teacher, TEACHER_CHECKPOINT),
         ClipDataset(data),
         embed,
         cfg,
         ablation=load_checkpoint_of(ablation, STUDENT_CHECKPOINT) if ablation else None,
         paths={
-            "student": str(student.resolve()),
+            "student": str(student.resolve()) if student else None,
             "teacher": str(teacher.resolve()),
             "data": str(data.resolve()),
             "ablation_student": str(ablation.resolve()) if ablation else None,

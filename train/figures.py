@@ -76,7 +76,7 @@ def spectrograms_command(
     data: Path = typer.Option(..., "--data", help="prepared dataset directory (its test split gives the clips)"),
     output: Path = typer.Option(..., "--output", "-o", help="PNG to write"),
     steps: str = typer.Option("1,4", "--steps", help="step counts of the generated columns"),
-    max_classes: int = typer.Option(16, "--max-classes", min=1, help="rows: one class label each"),
+    max_classes: int = typer.Option(64, "--max-classes", min=1, help="rows: one class label each (64: all here)"),
     seed: int = typer.Option(0, "--seed"),
     backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime | openvino"),
 ) -> None:

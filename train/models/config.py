@@ -85,6 +85,7 @@ class DiTConfig:
     """Diffusion transformer over latent frames; the teacher and the student share it (METHOD §2)."""
 
     latent_frames: int = 64  # T: frames per clip (64 frames = 1.49 s at 43 Hz)
+    patch: int = 1  # latent frames per token (T / patch tokens): 2 keeps 64 tokens for a 86 Hz latent
     width: int = 256  # d_model
     depth: int = 6
     heads: int = 4
@@ -93,6 +94,7 @@ class DiTConfig:
 
     def __post_init__(self) -> None:
         _require(self.width % self.heads == 0, "dit.width must be divisible by dit.heads")
+        _require(self.patch >= 1 and self.latent_frames % self.patch == 0, "dit.patch must divide dit.latent_frames")
         _require(self.fourier_features % 2 == 0 and self.width % 2 == 0, "embedding sizes must be even")
 
 

@@ -102,21 +102,24 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """The network F_θ: input c_in(t)·x_t [B, C, T] latent frames, output [B, C, T]."""
+    """The network F_θ: input c_in(t)·x_t [B, C, T] latent frames, output [B, C, T]. Each token holds `patch`
+    consecutive frames (all C channels of each), so the sequence has T / patch tokens."""
 
     def __init__(self, cfg: DiTConfig, latent_channels: int, text_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.width
-        self.proj_in = nn.Linear(latent_channels, d)
-        self.register_buffer("pos", sinusoidal(torch.arange(cfg.latent_frames).float(), d)[None], persistent=False)
+        self.patch = cfg.patch
+        self.proj_in = nn.Linear(latent_channels * cfg.patch, d)
+        tokens = cfg.latent_frames // cfg.patch
+        self.register_buffer("pos", sinusoidal(torch.arange(tokens).float(), d)[None], persistent=False)
         self.time_features = FourierFeatures(cfg.fourier_features)
         self.time_mlp = nn.Sequential(nn.Linear(cfg.fourier_features, d), nn.SiLU(), nn.Linear(d, d))
         self.pooled_proj = nn.Linear(text_dim, d)
         self.blocks = nn.ModuleList([DiTBlock(d, cfg.heads, text_dim, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(d, 2 * d)
-        self.proj_out = nn.Linear(d, latent_channels)  # "the student's last layer" of METHOD §3.9
+        self.proj_out = nn.Linear(d, latent_channels * cfg.patch)  # "the student's last layer" of METHOD §3.9
         for m in (self.ada_out, self.proj_out):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -139,9 +142,11 @@ class DiT(nn.Module):
     ):
         """x_in [B, C, T]; c_noise_* [B]; tokens [B, L, Dt]; token_mask [B, L] (1 = real token);
         pooled [B, Dt]; omega [B]. Returns F [B, C, T], and with return_features the list of the
-        sequential block outputs [B, T, D] (input to METHOD §3.7's distance)."""
-        T = x_in.shape[-1]
-        x = self.proj_in(x_in.transpose(1, 2)) + self.pos[:, :T]
+        sequential block outputs [B, T / patch, D] (input to METHOD §3.7's distance)."""
+        B, C, T = x_in.shape
+        p, n = self.patch, T // self.patch
+        tok = x_in.reshape(B, C, n, p).permute(0, 2, 3, 1).reshape(B, n, p * C)  # token = p frames × C
+        x = self.proj_in(tok) + self.pos[:, :n]
         emb = self.embed(c_noise_t, c_noise_s, omega, pooled)
         bias = ((1.0 - token_mask.float()) * -1e4)[:, None, None, :]
         feats = []
@@ -149,5 +154,6 @@ class DiT(nn.Module):
             x = blk(x, emb, tokens, bias)
             feats.append(x)
         shift, scale = self.ada_out(F.silu(emb)).chunk(2, dim=-1)
-        out = self.proj_out(modulate(self.norm_out(x), shift, scale)).transpose(1, 2)
+        out = self.proj_out(modulate(self.norm_out(x), shift, scale))  # [B, n, p·C]
+        out = out.reshape(B, n, p, C).permute(0, 3, 1, 2).reshape(B, C, T)
         return (out, feats) if return_features else out
