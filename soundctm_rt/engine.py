@@ -103,7 +103,8 @@ class Engine:
         self.latent_kind = str(lat.get("kind", "vae"))
         self.mel_decoder: MelDecoder | None = None
         if self.latent_kind == "mel":
-            self.mel_decoder = MelDecoder(MelCodeConfig.from_dict(lat["mel"]))
+            # the decoder's FFTs use the same threads as the graphs
+            self.mel_decoder = MelDecoder(MelCodeConfig.from_dict(lat["mel"]), workers=self.opts.resolved_threads())
             self._mean = np.asarray(lat["mean"], np.float32)
             self._std = np.asarray(lat["std"], np.float32)
         else:

@@ -244,6 +244,27 @@ def test_level_and_per_class_table():
     }
 
 
+def test_decoder_gate_cli_writes_the_verdict(distill_dataset: Path, tmp_path: Path):  # noqa: F811
+    """`train vae-embedding-report -c tiny-mel`: the config's mel decoder and a variant against mel128 + GL32."""
+    from soundctm_rt.train.cli import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "gate.json"
+    args = ["vae-embedding-report", "--data", str(distill_dataset), "-c", "tiny-mel", "--json", str(out)]
+    args += ["--variants", "256x2", "--embedding", "logmel", "--max-train-clips", "0", "--threads", "1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    names = ["mel32_hop512_fgla_h512_i4", "mel32_hop512_fgla_h256_i2"]
+    assert set(rep["verdict"]) == set(names)
+    for n in names:
+        assert rep[n]["ms_per_clip"] > 0 and rep[n]["ci_kid_x1e3"][0] <= rep[n]["kid_x1e3"] <= rep[n]["ci_kid_x1e3"][1]
+        assert isinstance(rep["verdict"][n]["adopt"], bool)
+    base = ["vae-embedding-report", "--data", str(distill_dataset), "-c", "tiny-mel", "--json", str(out)]
+    bad = CliRunner().invoke(app, [*base, "--variants", "fast", "--embedding", "logmel"])
+    assert bad.exit_code == 2 and "SYN_HOPxITERATIONS" in bad.output
+
+
 def test_baseline_sweep_cli_orders_the_pca_codes_by_rate(distill_dataset: Path, tmp_path: Path):  # noqa: F811
     """`train baseline-sweep`: every k is measured with its rate, and a bad --components is refused."""
     from soundctm_rt.train.cli import app

@@ -140,7 +140,10 @@ def test_prepare_splits_and_bad_files(prepared: tuple[Path, dict[str, str]]) -> 
     row = next(r for r in ds.rows if r["source"].endswith("lowrate.wav"))
     x = ds.wave([int(row["index"])])[0]
     n = int(row["n_valid"])
-    assert n == 16384 and abs(np.abs(x[:n]).max() - 0.5) < 0.01  # clip is shorter than the 0.5 s tone
+    # clip is shorter than the 0.5 s tone; every clip is peak-normalised to -1 dBFS ([data] peak_db)
+    assert n == 16384 and abs(np.abs(x[:n]).max() - 10 ** (-1 / 20)) < 0.01
+    peaks = np.abs(ds.wave(np.arange(len(ds)))).max(axis=1)
+    np.testing.assert_allclose(peaks, 10 ** (-1 / 20), atol=2e-4)
     spec = np.abs(np.fft.rfft(x[:n]))
     assert abs(np.argmax(spec) * 44100 / n - 440) < 5
 

@@ -190,7 +190,7 @@ def loss_features(src: ModelSource, x0: torch.Tensor) -> tuple[torch.Tensor, Cal
 
 def mel_timbre_profile(z: torch.Tensor) -> torch.Tensor:
     """timbre_profile of a log-mel [B, M, T]: each mel band's share of the clip's energy, in dB [B, M]."""
-    energy = torch.exp(2.0 * z).sum(-1)
+    energy = torch.exp(2.0 * z).sum(-1)  # the log floor's energy is ~1e-10 per bin: negligible here
     share = energy / energy.sum(-1, keepdim=True).clamp(min=1e-20)
     return 10.0 * torch.log10(share + TIMBRE_FLOOR)
 

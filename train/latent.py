@@ -87,7 +87,7 @@ class MelCodec(nn.Module):
         The filterbank's pseudo-inverse gives linear magnitudes; Parseval over the Hann-windowed frame turns
         their energy into the frame's RMS (a full-scale sine reads about −3 dB).
         """
-        mel = torch.exp(z)
+        mel = torch.clamp(torch.exp(z) - self.cfg.log_floor, min=0.0)  # the floor is silence (melcode)
         pinv = torch.linalg.pinv(self.fb.double()).float()  # [F, M]
         mag = torch.clamp(torch.einsum("fm,bmt->bft", pinv, mel), min=0.0)
         energy = 2.0 * mag[:, 1:-1].pow(2).sum(1) + mag[:, 0].pow(2) + mag[:, -1].pow(2)

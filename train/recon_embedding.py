@@ -79,7 +79,7 @@ def embedding_report(
             "fd": frechet_distance(e, e_ref),
             "kid_x1e3": k,
             "probe_accuracy": float(correct.mean()),
-            "ci_kid_x1e3": [k - 1.96 * se, k + 1.96 * se],
+            "ci_kid_x1e3": [float(k - 1.96 * se), float(k + 1.96 * se)],
             "ci_probe_accuracy": [float(v) for v in np.percentile(correct[boot].mean(1), [2.5, 97.5])],
         }
 
@@ -127,5 +127,5 @@ def adoption_verdict(
             "probe_accuracy": r["probe_accuracy"] > base["probe_accuracy"],
         }
 
-    beats = {b: ok(b) for b in baselines}
+    beats = {b: {k: bool(v) for k, v in ok(b).items()} for b in baselines}
     return {"adopt": all(all(v.values()) for v in beats.values()), "beats": beats, "within_ci": within_ci}
