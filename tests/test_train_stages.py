@@ -5,6 +5,7 @@ All runs use one torch thread (the CI machine has 2 cores) and the fixture corpu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -154,6 +155,28 @@ def test_teacher_on_the_mel_code_trains_then_distils(dataset: Path, tmp_path: Pa
     assert src.provenance["latent"] == "mel"
     z = src.codec.encode(torch.zeros(1, 16 * 1024))[0]
     assert z.shape == (1, 32, 32)
+    # a new run can start from the checkpoint's weights (the run directory of the first may be gone)
+    more = train_teacher(
+        "tiny-mel",
+        dataset,
+        None,
+        tmp_path / "more",
+        threads=1,
+        steps=2,
+        batch_size=8,
+        init_from=run / "final" / "teacher_model.safetensors",
+    )
+    assert json.loads((more / "config.json").read_text())["init_from"].endswith("teacher_model.safetensors")
+    assert _losses(more)[0] < np.mean(losses[:8])  # it starts trained, not from scratch
+    from soundctm_rt.train.teacher_train import _initial_weights
+
+    mc = load_model_config("tiny-mel")
+    ckpt = run / "final" / "teacher_model.safetensors"
+    wider = dataclasses.replace(mc, dit=dataclasses.replace(mc.dit, width=64))
+    with pytest.raises(ValueError, match="architecture or latent differs"):
+        _initial_weights(ckpt, wider, src.latent_mean, src.latent_std)
+    with pytest.raises(ValueError, match="statistics differ"):
+        _initial_weights(ckpt, mc, src.latent_mean + 1.0, src.latent_std)
     student = train_distill("tiny-mel", run, dataset, tmp_path / "student", threads=1, steps=2, sample_steps=())
     out = load_model_checkpoint(student / "final" / "student_model.safetensors")
     assert isinstance(out.codec, MelCodec) and torch.equal(out.latent_mean, src.latent_mean)

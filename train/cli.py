@@ -305,6 +305,9 @@ def teacher(
     threads: int = _THREADS,
     steps: int = typer.Option(None, "--steps", help="override teacher_train.steps"),
     batch_size: int = typer.Option(None, "--batch-size", help="override teacher_train.batch_size (global)"),
+    init_from: Path = typer.Option(
+        None, "--init-from", help="start a new run from a teacher checkpoint's weights (e.g. models/teacher_model...)"
+    ),
 ) -> None:
     """Train the EDM teacher over the config's normalised latent (mel code, or a VAE run's; cached first)."""
     from .teacher_train import resolve, train_teacher
@@ -320,6 +323,7 @@ def teacher(
         max_steps=max_steps,
         resume=resume,
         threads=threads,
+        init_from=init_from,
         steps=steps,
         batch_size=batch_size,
     )

@@ -165,9 +165,16 @@ def train_teacher(
     max_steps: int | None = None,
     resume: bool = False,
     threads: int | None = None,
+    init_from: str | Path | None = None,
     **overrides: Any,
 ) -> Path:
-    """Train (or resume) a teacher run over the config's latent (`vae`: a finished VAE run, for latent = "vae")."""
+    """Train (or resume) a teacher run over the config's latent (`vae`: a finished VAE run, for latent = "vae").
+
+    `init_from`: a teacher model checkpoint (e.g. the fp16 one kept in models/) whose network starts both the
+    weights and their EMA of a new run, so training can go on where a finished run's directory is gone (the
+    optimiser state starts afresh, under the run's own warm-up). Its architecture and latent statistics must be
+    this run's.
+    """
     env = init_distributed(threads)
     configure_logging(env)
     try:
@@ -175,8 +182,15 @@ def train_teacher(
         ds = ClipDataset(data)
         ds.check_matches(model_cfg.sample_rate, model_cfg.dit.latent_frames * model_cfg.latent_hop)
         codec, latents, mu, std, provenance = resolve_latent(model_cfg, ds, vae, env)
+        init = None
+        if init_from is not None:
+            init = _initial_weights(init_from, model_cfg, mu, std)
+            resolved["init_from"] = str(Path(init_from).resolve())
+            provenance = {**provenance, "init_from": resolved["init_from"]}
         rd = RunDir(run, env)
         state = rd.start(resolved, resume)
+        if state is None and init is not None:
+            state = {"init": init}
         _fit(
             env,
             rd,
@@ -219,7 +233,10 @@ def _fit(
     ema = EMA(denoiser, tcfg.ema_decay)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
     step = 0
-    if state is not None:
+    if state is not None and "init" in state:  # a new run started from a checkpoint's weights
+        denoiser.load_state_dict(state["init"])
+        ema.load_state_dict(state["init"])
+    elif state is not None:
         denoiser.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -320,6 +337,26 @@ def _fit(
             {"stage": "teacher", "steps": end_step, "ema_decay": tcfg.ema_decay, **provenance},
         )
         save_model_checkpoint(rd.final / "teacher_model.safetensors", src, dtype=torch.float32)
+
+
+def _initial_weights(
+    path: str | Path, model_cfg: ModelConfig, mu: torch.Tensor, std: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The CTMDenoiser state of a teacher checkpoint, refused unless it fits this run (architecture, latent
+    code and statistics: another normalisation would make the weights mean something else)."""
+    from .checkpoint import load_model_checkpoint
+
+    src = load_model_checkpoint(path)
+    c = src.config
+    same = c.latent == model_cfg.latent and c.dit == model_cfg.dit and c.text == model_cfg.text
+    same = same and (
+        c.mel.code_fields() == model_cfg.mel.code_fields() if c.latent == "mel" else c.vae == model_cfg.vae
+    )
+    if not same:
+        raise ValueError(f"--init-from {path}: its architecture or latent differs from the config's")
+    if not (torch.allclose(src.latent_mean, mu, atol=1e-4) and torch.allclose(src.latent_std, std, rtol=1e-3)):
+        raise ValueError(f"--init-from {path}: its latent statistics differ from this dataset's")
+    return {k: v.float() for k, v in src.student.state_dict().items()}
 
 
 @torch.no_grad()
