@@ -192,7 +192,6 @@ class MelDecoder:
         self.fb_t = np.ascontiguousarray(self.fb.T)  # [F, M]
         self.window = hann(cfg.n_fft)
         self.r = cfg.n_fft // cfg.syn_hop  # synthesis frames overlapping one sample
-        self.up = cfg.hop // cfg.syn_hop  # synthesis frames per latent frame
         # latent frame j is centred on sample (j+½)·hop: shifting the synthesis grid by this offset puts every
         # latent frame's centre on it, so those frames take the code's magnitudes as they are, not interpolated
         self.offset = (cfg.hop // 2) % cfg.syn_hop

@@ -8,7 +8,7 @@ and writes a dataset directory:
     dataset.json     sample rate, clip length, split counts, the split rules, the sources and the bad files
     clips.csv        one row per clip: index, split, caption, source file, corpus, group, offset, n_valid
     audio.npy        int16 [n_clips, clip_samples] (memory-mapped when read)
-    latents/<id>/    VAE latent cache (written once per VAE by `cache_latents`)
+    latents/<id>/    latent cache of one codec (mel code or VAE; written once by `cache_latents`)
 
 Split rules, chosen from the CSV's columns so that declared test sets never reach training:
   * a `split` column: used as given (train / valid / test);
@@ -352,7 +352,8 @@ def latent_cache_dir(dataset: str | Path, vae_id: str) -> Path:
 
 
 def cache_latents(ds: ClipDataset, vae: Any, vae_id: str, batch: int = 16, progress: bool = True) -> Path:
-    """Encode every clip once with the VAE (posterior mean) -> latents/<vae_id>/latents.npy float32 [n, C, T].
+    """Encode every clip once with a codec (train.latent: the mel code, or a VAE's posterior mean) ->
+    latents/<vae_id>/latents.npy float32 [n, C, T].
 
     Raw, unnormalised latents: the METHOD §5 statistics are applied by the consumer. Idempotent: an existing
     complete cache is reused.

@@ -53,7 +53,10 @@ class MelCodec(nn.Module):
     def __init__(self, cfg: MelCodeConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("fb", torch.from_numpy(mel_filterbank(cfg)), persistent=False)  # [M, F]
+        fb = mel_filterbank(cfg)
+        self.register_buffer("fb", torch.from_numpy(fb), persistent=False)  # [M, F]
+        pinv = np.linalg.pinv(fb.astype(np.float64)).astype(np.float32)
+        self.register_buffer("fb_pinv", torch.from_numpy(pinv), persistent=False)  # [F, M], made once
         self.register_buffer("window", torch.hann_window(cfg.n_fft, periodic=True), persistent=False)
         self._decoder: MelDecoder | None = None
         # Parseval: Σ_k |X_k|² = n·Σ(w·x)², and Σ w² = 3n/8 for the Hann window
@@ -88,8 +91,7 @@ class MelCodec(nn.Module):
         their energy into the frame's RMS (a full-scale sine reads about −3 dB).
         """
         mel = torch.clamp(torch.exp(z) - self.cfg.log_floor, min=0.0)  # the floor is silence (melcode)
-        pinv = torch.linalg.pinv(self.fb.double()).float()  # [F, M]
-        mag = torch.clamp(torch.einsum("fm,bmt->bft", pinv, mel), min=0.0)
+        mag = torch.clamp(torch.einsum("fm,bmt->bft", self.fb_pinv, mel), min=0.0)
         energy = 2.0 * mag[:, 1:-1].pow(2).sum(1) + mag[:, 0].pow(2) + mag[:, -1].pow(2)
         rms = torch.sqrt(energy + 1e-20) * self._rms_scale
         return 20.0 * torch.log10(rms + 1e-10)
