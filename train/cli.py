@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from .data import ClipDataset
 
 app = typer.Typer(help="Prepare data and train the VAE, the EDM teacher and the CTM student.", no_args_is_help=True)
 
@@ -34,6 +39,32 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
+@contextlib.contextmanager
+def data_errors() -> Iterator[None]:
+    """A dataset that cannot serve a command (train.data.DataError) ends it with one line and exit code 1."""
+    from .data import DataError
+
+    try:
+        yield
+    except DataError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
+def _read_names(path: Path | None, option: str) -> tuple[str, ...]:
+    """The file names of a list file: one per line; blank lines and lines starting with # are skipped."""
+    if path is None:
+        return ()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise typer.BadParameter(f"cannot read {path}: {e.strerror}", param_hint=option) from None
+    names = tuple(n for n in (line.strip() for line in lines) if n and not n.startswith("#"))
+    if not names:
+        raise typer.BadParameter(f"{path} names no file", param_hint=option)
+    return names
+
+
 @app.command()
 def prepare(
     audio: list[Path] = typer.Option(None, "--audio", help="folder of audio (repeatable; default: ../shared/data)"),
@@ -44,9 +75,28 @@ def prepare(
     ),
     out: Path = typer.Option(..., "-o", "--out", help="dataset directory to write"),
     config: str = _CONFIG,
+    valid_fraction: float = typer.Option(
+        None,
+        "--valid-fraction",
+        help="share of the folders held out for validation (of the files, when the folders are too few), for "
+        "sources without split/machine/fold columns (default: the config's hash_valid_fraction, 0.05)",
+    ),
+    test_fraction: float = typer.Option(
+        None, "--test-fraction", help="the same for the test split (default: the config's hash_test_fraction, 0.05)"
+    ),
+    valid_files: Path = typer.Option(
+        None,
+        "--valid-files",
+        help="text file naming validation files, one per line, relative to their --audio folder: they go to "
+        "valid whatever the other rules say, and no other file is hashed into valid",
+    ),
+    test_files: Path = typer.Option(None, "--test-files", help="the same for the test split"),
     dry_run: bool = _DRY,
 ) -> None:
-    """Audio folders (+ captions) -> mono clips at the model rate and length, train/valid/test splits."""
+    """Audio folders (+ captions) -> mono clips at the model rate and length, train/valid/test splits.
+
+    Warns when a split comes out empty or tiny; the stages skip what an empty valid or test split would feed.
+    """
     from .data import DataConfig, Source, default_sources, prepare_dataset
     from .loop import build_table
     from .models.config import load_model_config, load_toml
@@ -54,6 +104,16 @@ def prepare(
     _setup_logging()
     cfg = load_model_config(config)
     dcfg = build_table(DataConfig, load_toml(config).get("data", {}), "data")
+    over: dict[str, Any] = {
+        "hash_valid_fraction": valid_fraction,
+        "hash_test_fraction": test_fraction,
+        "valid_files": _read_names(valid_files, "--valid-files") or None,
+        "test_files": _read_names(test_files, "--test-files") or None,
+    }
+    try:
+        dcfg = dataclasses.replace(dcfg, **{k: v for k, v in over.items() if v is not None})
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     if audio:
         if captions and len(captions) != len(audio):
             raise typer.BadParameter("give one --captions per --audio, or none")
@@ -74,8 +134,11 @@ def prepare(
             )
         )
         return
-    rep = prepare_dataset(sources, out, cfg.sample_rate, clip, cfg.latent_hop, dcfg)
+    with data_errors():
+        rep = prepare_dataset(sources, out, cfg.sample_rate, clip, cfg.latent_hop, dcfg)
     typer.echo(f"{out}: clips {rep.clips}, files {rep.files}, {len(rep.bad)} bad files (see bad_files.csv)")
+    for w in rep.warnings:
+        typer.echo(f"warning: {w}")
 
 
 @app.command()
@@ -96,16 +159,17 @@ def vae(
     if dry_run:
         typer.echo(json.dumps(resolve(config, data, steps=steps, batch_size=batch_size)[2], indent=2))
         return
-    train_vae(
-        config,
-        data,
-        run,
-        max_steps=max_steps,
-        resume=resume,
-        threads=threads,
-        steps=steps,
-        batch_size=batch_size,
-    )
+    with data_errors():
+        train_vae(
+            config,
+            data,
+            run,
+            max_steps=max_steps,
+            resume=resume,
+            threads=threads,
+            steps=steps,
+            batch_size=batch_size,
+        )
 
 
 @app.command("vae-decoder")
@@ -130,7 +194,8 @@ def vae_decoder(
     if dry_run:
         typer.echo(json.dumps(resolve(config, data, vae, **overrides)[1], indent=2))
         return
-    train_vae_decoder(config, data, vae, run, max_steps=max_steps, resume=resume, threads=threads, **overrides)
+    with data_errors():
+        train_vae_decoder(config, data, vae, run, max_steps=max_steps, resume=resume, threads=threads, **overrides)
 
 
 @app.command("swap-vae")
@@ -160,13 +225,16 @@ def vae_finalize(data: Path = _DATA, run: Path = _RUN, threads: int = _THREADS) 
     """(Re)compute a finished VAE run's latent cache, statistics and test report."""
     import torch
 
-    from .data import ClipDataset
-    from .vae_train import finalize_vae
+    from .data import ClipDataset, check_splits
+    from .vae_train import REPORT_SKIPPED, finalize_vae
 
     _setup_logging()
     if threads:
         torch.set_num_threads(threads)
-    finalize_vae(run, ClipDataset(data))
+    ds = ClipDataset(data)
+    with data_errors():
+        check_splits(ds, "vae-finalize", {"test": REPORT_SKIPPED})
+    finalize_vae(run, ds)
 
 
 @app.command("vae-embedding-report")
@@ -208,6 +276,8 @@ def vae_embedding_report(
     if run is None and json_path is None:
         raise typer.BadParameter("give --json (or --run, whose report/ folder is the default)")
     ds = ClipDataset(data)
+    with data_errors():
+        _check_gate_splits(ds, "vae-embedding-report")
     base = "baseline_mel128_griffin_lim32"
     methods: dict[str, Any] = {base: lambda y: griffin_lim_from_mel(y, ds.sample_rate)}
     candidates: list[str] = []
@@ -270,6 +340,8 @@ def baseline_sweep(
     if threads:
         torch.set_num_threads(threads)
     ds = ClipDataset(data)
+    with data_errors():
+        _check_gate_splits(ds, "baseline-sweep")
     methods: dict[str, Any] = {f"baseline_mel_pca{k}_griffin_lim32": MelPCA(ds, k) for k in ks}
     methods["baseline_mel128_griffin_lim32"] = lambda y: griffin_lim_from_mel(y, ds.sample_rate)
     report = embedding_report(methods, ds, make_embedding(embedding, threads=threads or 1), max_train_clips)
@@ -279,6 +351,14 @@ def baseline_sweep(
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(json.dumps(report, indent=2))
+
+
+def _check_gate_splits(ds: ClipDataset, command: str) -> None:
+    """The embedding reports need real test clips; without validation clips the probe keeps its first ridge."""
+    from .data import check_splits
+
+    ds.require("test", f"`train {command}` (it measures the round trip of the real test clips)")
+    check_splits(ds, command, {"valid": "the probe's ridge is not chosen on validation clips"})
 
 
 def _positive_ints(text: str, option: str) -> list[int]:
@@ -315,18 +395,19 @@ def teacher(
     if dry_run:
         typer.echo(json.dumps(resolve(config, data, vae_run, steps=steps, batch_size=batch_size)[2], indent=2))
         return
-    train_teacher(
-        config,
-        data,
-        vae_run,
-        run,
-        max_steps=max_steps,
-        resume=resume,
-        threads=threads,
-        init_from=init_from,
-        steps=steps,
-        batch_size=batch_size,
-    )
+    with data_errors():
+        train_teacher(
+            config,
+            data,
+            vae_run,
+            run,
+            max_steps=max_steps,
+            resume=resume,
+            threads=threads,
+            init_from=init_from,
+            steps=steps,
+            batch_size=batch_size,
+        )
 
 
 @app.command("prepare-latents")
@@ -377,7 +458,8 @@ def distill(
     if dry_run:
         typer.echo(json.dumps(resolve(config, teacher_run, data, **over)[2], indent=2))
         return
-    train_distill(config, teacher_run, data, run, max_steps=max_steps, resume=resume, threads=threads, **over)
+    with data_errors():
+        train_distill(config, teacher_run, data, run, max_steps=max_steps, resume=resume, threads=threads, **over)
 
 
 @app.command("distill-cost")

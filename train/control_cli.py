@@ -255,16 +255,21 @@ def eval_control_command(
 
     from .birdnet import make_embedding
     from .checkpoint import load_model_checkpoint
+    from .cli import data_errors
     from .control_eval import evaluate_control, markdown
-    from .data import ClipDataset
+    from .data import ClipDataset, check_splits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
+    ds = ClipDataset(data)
+    with data_errors():
+        ds.require("test", "`soundctm-rt eval-control` (its prompts)")
+        check_splits(ds, "eval-control", {"valid": "the probe's ridge is not chosen on validation clips"})
     src = load_model_checkpoint(path)
     result = evaluate_control(
         src,
-        ClipDataset(data),
+        ds,
         make_embedding(cfg.embedding, threads=threads or 1),
         cfg,
         png=png,

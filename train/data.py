@@ -5,7 +5,7 @@ columns; without a CSV the folder names give the captions), converts every file 
 (scipy's polyphase resampler), cuts it to the clip length of the architecture (dit.latent_frames frames)
 and writes a dataset directory:
 
-    dataset.json     sample rate, clip length, split counts, the split rules, the sources and the bad files
+    dataset.json     sample rate, clip length, split counts and warnings, the split rules, the sources, bad files
     clips.csv        one row per clip: index, split, caption, source file, corpus, group, offset, n_valid
     audio.npy        int16 [n_clips, clip_samples] (memory-mapped when read)
     latents/<id>/    latent cache of one codec (mel code or VAE; written once by `cache_latents`)
@@ -14,8 +14,14 @@ Split rules, chosen from the CSV's columns so that declared test sets never reac
   * a `split` column: used as given (train / valid / test);
   * a `machine` column (drum-machines): machines in `test_machines` -> test, `valid_machines` -> valid;
   * a `fold` column (ESC-10): folds in `test_folds` -> test, `valid_folds` -> valid;
-  * otherwise the top-level folder is the group and a stable hash of it picks ~5% valid, ~5% test.
+  * otherwise the top-level folder is the group, and of a source's groups in a stable hash order the first
+    round(hash_test_fraction·n) go to test and the next round(hash_valid_fraction·n) to valid (5 % each). When
+    a source has too few groups to give each held-out split one and keep one for training (a single folder of
+    clips), its files are split that way instead.
+Files named in `valid_files` / `test_files` (paths relative to their source folder) go to that split whatever
+the rules above say, and naming files for a split turns that split's hash fraction off.
 Splitting by group (machine, fold, folder) keeps near-duplicates of one recording in one split.
+`prepare_dataset` warns (log, report, dataset.json) when a split is empty or tiny, naming the fix.
 
 Every clip is scaled to a peak of `peak_db` (-1 dBFS) unless `peak_normalise` is off.
 Files longer than a clip give their loudest window; training files give up to `max_crops` non-overlapping
@@ -41,6 +47,20 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+TINY_SPLIT_CLIPS = 5  # a held-out split with fewer clips, or under TINY_SPLIT_SHARE of the files, is "tiny"
+TINY_SPLIT_SHARE = 0.02
+HOLD_OUT_FIX = {
+    "train": "hold out less (`train prepare --valid-fraction/--test-fraction`, fewer --valid-files/--test-files)",
+    "valid": "hold out more with `train prepare --valid-fraction F` or `--valid-files LIST` (or [data] "
+    "valid_machines / valid_folds, or a 'split' column in the --captions CSV)",
+    "test": "hold out more with `train prepare --test-fraction F` or `--test-files LIST` (or [data] "
+    "test_machines / test_folds, or a 'split' column in the --captions CSV)",
+}
+SPLIT_USES = {
+    "train": "no stage can train on it",
+    "valid": "validation reports (VAE reconstructions, teacher valid_loss, probe ridge choice) are skipped",
+    "test": "test reports (VAE reconstruction report, eval, eval-control, decoder gate) cannot run",
+}
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
@@ -60,8 +80,10 @@ class DataConfig:
     valid_machines: tuple[str, ...] = ("RolandTR626", "KorgT3", "AkaiMPC60", "RolandD110", "BossDR55")
     test_folds: tuple[int, ...] = (1,)  # ESC-10 fold 1 is the declared test split
     valid_folds: tuple[int, ...] = (5,)
-    hash_valid_fraction: float = 0.05  # for sources with neither split, machine nor fold columns
+    hash_valid_fraction: float = 0.05  # of the groups (or files) of sources without split/machine/fold columns
     hash_test_fraction: float = 0.05
+    valid_files: tuple[str, ...] = ()  # held out whatever the other rules say (paths relative to the source)
+    test_files: tuple[str, ...] = ()
     max_crops: int = 3  # windows taken from one long training file
     crop_min_ratio: float = 0.1  # extra crops need >= this fraction of the loudest window's energy (-10 dB)
     silence_peak: float = 1e-4  # files whose peak is below this (-80 dBFS) are "silent" and skipped
@@ -84,6 +106,9 @@ class DataConfig:
             and self.hash_valid_fraction + self.hash_test_fraction < 1
         ):
             raise ValueError("[data] hash fractions must be >= 0 and sum to < 1")
+        both = set(self.valid_files) & set(self.test_files)
+        if both:
+            raise ValueError(f"[data] files named both valid and test: {sorted(both)[:5]}")
         if self.max_crops < 1:
             raise ValueError("[data] max_crops must be >= 1")
         if not -60.0 <= self.peak_db <= 0.0:
@@ -116,6 +141,11 @@ class PrepareReport:
     clips: dict[str, int] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)
     bad: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # empty or tiny splits, with the fix
+
+
+class DataError(ValueError):
+    """A dataset cannot serve what was asked of it (an empty split, unknown named files); one line with the fix."""
 
 
 def default_sources(root: Path = DEFAULT_DATA_ROOT) -> list[Source]:
@@ -132,8 +162,8 @@ def _hash_unit(text: str) -> float:
     return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16) / float(1 << 48)
 
 
-def _split_of(row: dict[str, str], group_default: str, cfg: DataConfig) -> tuple[str, str]:
-    """(split, group) of a CSV row by the rules of the module docstring."""
+def _split_of(row: dict[str, str], group_default: str, cfg: DataConfig) -> tuple[str | None, str]:
+    """(split, group) of a CSV row by the column rules of the module docstring; split None: left to the hash."""
     if row.get("split"):
         split = row["split"].strip().lower()
         if split not in SPLITS:
@@ -145,19 +175,74 @@ def _split_of(row: dict[str, str], group_default: str, cfg: DataConfig) -> tuple
     if row.get("fold"):
         f = int(row["fold"])
         return ("test" if f in cfg.test_folds else "valid" if f in cfg.valid_folds else "train"), f"fold{f}"
-    u = _hash_unit(group_default)
-    split = (
-        "test"
-        if u < cfg.hash_test_fraction
-        else ("valid" if u < cfg.hash_test_fraction + cfg.hash_valid_fraction else "train")
-    )
-    return split, group_default
+    return None, group_default
+
+
+def held_out_counts(n: int, valid_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(valid, test) of n units: round(fraction·n) each, cut back (valid first) so that one unit stays for
+    training."""
+    n_valid = math.floor(valid_fraction * n + 0.5)
+    n_test = math.floor(test_fraction * n + 0.5)
+    while n > 0 and n_valid + n_test >= n:
+        if n_valid:
+            n_valid -= 1
+        else:
+            n_test -= 1
+    return n_valid, n_test
+
+
+def hash_splits(keys: list[str], valid_fraction: float, test_fraction: float) -> dict[str, str]:
+    """{key: split} of distinct keys: in a stable hash order the first held_out_counts(...)[1] -> test, the next
+    [0] -> valid, the rest -> train (independent of PYTHONHASHSEED and of the order of `keys`)."""
+    order = sorted(set(keys), key=lambda k: (_hash_unit(k), k))
+    n_valid, n_test = held_out_counts(len(order), valid_fraction, test_fraction)
+    return {k: "test" if i < n_test else "valid" if i < n_test + n_valid else "train" for i, k in enumerate(order)}
+
+
+def _assign_hashed(entries: list[FileEntry], pending: list[bool], cfg: DataConfig, corpus: str) -> None:
+    """Splits of the entries left to the hash: whole groups, or single files when the groups are too few."""
+    todo = [e for e, p in zip(entries, pending, strict=True) if p]
+    if not todo:
+        return
+    fv = 0.0 if cfg.valid_files else cfg.hash_valid_fraction
+    ft = 0.0 if cfg.test_files else cfg.hash_test_fraction
+    groups = sorted({e.group for e in todo})
+    n_valid, n_test = held_out_counts(len(groups), fv, ft)
+    if (n_valid or not fv) and (n_test or not ft):
+        by_group = hash_splits(groups, fv, ft)
+        for e in todo:
+            e.split = by_group[e.group]
+        return
+    if len(groups) > 1:
+        logger.info("%s: %d folders are too few to hold out whole folders: holding out files", corpus, len(groups))
+    by_file = hash_splits([e.rel for e in todo], fv, ft)
+    for e in todo:
+        e.split = by_file[e.rel]
+
+
+def _named(cfg: DataConfig) -> dict[str, str]:
+    """{name: split} of the files named in valid_files / test_files (as given, and as absolute paths)."""
+    out: dict[str, str] = {}
+    for split, names in (("valid", cfg.valid_files), ("test", cfg.test_files)):
+        for name in names:
+            out[name] = split
+            out[str(Path(name).resolve())] = split
+    return out
+
+
+def _name_of(e: FileEntry, named: dict[str, str]) -> str | None:
+    """The key under which a file is named in valid_files / test_files, if it is."""
+    if e.rel in named:
+        return e.rel
+    full = str(e.path.resolve())
+    return full if full in named else None
 
 
 def list_files(src: Source, cfg: DataConfig) -> list[FileEntry]:
     """The files of a source with caption, group and split (CSV rows, or every audio file in the folder)."""
     corpus = src.audio.name
     entries: list[FileEntry] = []
+    pending: list[bool] = []
     if src.captions is not None:
         with open(src.captions, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -168,7 +253,8 @@ def list_files(src: Source, cfg: DataConfig) -> list[FileEntry]:
                 rel = row["path"].strip()
                 top = rel.split("/")[0] if "/" in rel else corpus
                 split, group = _split_of(row, top, cfg)
-                entries.append(FileEntry(src.audio / rel, rel, row["caption"].strip(), corpus, group, split))
+                entries.append(FileEntry(src.audio / rel, rel, row["caption"].strip(), corpus, group, split or ""))
+                pending.append(split is None)
     else:
         for p in sorted(src.audio.rglob("*")):
             if p.suffix.lower() not in AUDIO_EXTENSIONS or not p.is_file():
@@ -176,9 +262,39 @@ def list_files(src: Source, cfg: DataConfig) -> list[FileEntry]:
             rel = p.relative_to(src.audio).as_posix()
             parts = rel.split("/")[:-1]
             caption = " ".join(parts).replace("_", " ").replace("-", " ").strip() or corpus
-            split, group = _split_of({}, parts[0] if parts else corpus, cfg)
-            entries.append(FileEntry(p, rel, caption, corpus, group, split))
+            entries.append(FileEntry(p, rel, caption, corpus, parts[0] if parts else corpus, ""))
+            pending.append(True)
+    named = _named(cfg)
+    if named:  # named files are decided: they take no part in the hash
+        keys = [_name_of(e, named) for e in entries]
+        for e, k in zip(entries, keys, strict=True):
+            if k is not None:
+                e.split = named[k]
+        pending = [p and k is None for p, k in zip(pending, keys, strict=True)]
+    _assign_hashed(entries, pending, cfg, corpus)
     return entries
+
+
+def unmatched_names(entries: list[FileEntry], cfg: DataConfig) -> list[str]:
+    """The names of valid_files / test_files that match no file of `entries` (typos, wrong folder)."""
+    named = _named(cfg)
+    hit = {_name_of(e, named) for e in entries}
+    return [n for n in (*cfg.valid_files, *cfg.test_files) if n not in hit and str(Path(n).resolve()) not in hit]
+
+
+def split_warnings(files: dict[str, int], clips: dict[str, int]) -> list[str]:
+    """One line per empty split, and per tiny held-out split (fewer than TINY_SPLIT_CLIPS clips or under
+    TINY_SPLIT_SHARE of the files), saying what it costs and how to fix it."""
+    total = sum(files.values())
+    out = []
+    for split in SPLITS:
+        n, nf = clips.get(split, 0), files.get(split, 0)
+        if n == 0:
+            out.append(f"split {split!r} is empty: {SPLIT_USES[split]}; {HOLD_OUT_FIX[split]}")
+        elif split != "train" and (n < TINY_SPLIT_CLIPS or nf < TINY_SPLIT_SHARE * total):
+            size = f"{nf} of {total} files, {n} clip{'s' * (n != 1)}"
+            out.append(f"split {split!r} is tiny ({size}): its figures will be noise; {HOLD_OUT_FIX[split]}")
+    return out
 
 
 def load_audio(path: Path, sample_rate: int, cfg: DataConfig) -> np.ndarray:
@@ -244,8 +360,14 @@ def prepare_dataset(
     from tqdm import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     entries = [e for s in sources for e in list_files(s, cfg)]
+    missing = unmatched_names(entries, cfg)
+    if missing:
+        raise DataError(
+            f"{len(missing)} named held-out file(s) match no file of the sources, e.g. {missing[:3]}: name them "
+            "relative to their --audio folder (like the captions CSV's path column) or by a path that exists"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     report = PrepareReport(out)
     rows: list[dict[str, Any]] = []
     clips: list[np.ndarray] = []
@@ -292,6 +414,9 @@ def prepare_dataset(
         w2.writerow(["path", "reason"])
         w2.writerows(report.bad)
     report.clips = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
+    report.warnings = split_warnings(report.files, report.clips)
+    for line in report.warnings:
+        logger.warning("%s: %s", out, line)
     meta = {
         "format": "soundctm-rt-dataset/1",
         "sample_rate": sample_rate,
@@ -301,6 +426,7 @@ def prepare_dataset(
         "data_config": dataclasses.asdict(cfg),
         "sources": [{"audio": str(s.audio), "captions": str(s.captions) if s.captions else None} for s in sources],
         "bad_files": [{"path": p, "reason": r} for p, r in report.bad],
+        "warnings": report.warnings,
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
     logger.info("prepared %s: clips %s, %d bad files", out, report.clips, len(report.bad))
@@ -333,6 +459,13 @@ class ClipDataset:
             raise ValueError(f"split must be one of {SPLITS}")
         return np.array([i for i, r in enumerate(self.rows) if r["split"] == split], dtype=np.int64)
 
+    def require(self, split: str, needed_by: str) -> np.ndarray:
+        """indices(split), or DataError (one line: who needs it and the fix) when the split is empty."""
+        idx = self.indices(split)
+        if len(idx) == 0:
+            raise DataError(f"split {split!r} of {self.root} is empty and {needed_by} needs it: {HOLD_OUT_FIX[split]}")
+        return idx
+
     def wave(self, idx: np.ndarray | list[int]) -> np.ndarray:
         """float32 [len(idx), clip_samples] in [-1, 1]."""
         return np.asarray(self.audio[np.asarray(idx)], dtype=np.float32) / 32767.0
@@ -345,6 +478,21 @@ class ClipDataset:
                 f"the config "
                 f"needs {sample_rate} Hz x {clip_samples}: run `train prepare --config` with the same config"
             )
+
+
+def check_splits(ds: ClipDataset, stage: str, skipped: dict[str, str], batch_size: int = 1) -> None:
+    """Before a stage starts: refuse (DataError) a dataset with fewer training clips than one global batch, and
+    log once, for each empty held-out split of `skipped` (split -> what the stage leaves out without it), what
+    is skipped."""
+    n_train = len(ds.require("train", stage))
+    if n_train < batch_size:
+        raise DataError(
+            f"split 'train' of {ds.root} has {n_train} clips, fewer than one global batch of {batch_size}: "
+            f"give {stage} a smaller --batch-size, or {HOLD_OUT_FIX['train']}"
+        )
+    for split, what in skipped.items():
+        if len(ds.indices(split)) == 0:
+            logger.warning("%s: split %r of %s is empty: %s; %s", stage, split, ds.root, what, HOLD_OUT_FIX[split])
 
 
 def latent_cache_dir(dataset: str | Path, vae_id: str) -> Path:

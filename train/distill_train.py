@@ -43,7 +43,7 @@ from .ctm import (
     student_from_teacher,
     teacher_solve,
 )
-from .data import ClipDataset, cache_latents
+from .data import ClipDataset, cache_latents, check_splits
 from .latent import denormalise, normalise
 from .loop import (
     EMA,
@@ -94,7 +94,7 @@ class DistillConfig:
     log_every: int = 25
     ckpt_every: int = 250
     time_parts: bool = True  # time each part of the iteration (synchronises CUDA around parts)
-    sample_prompts: tuple[str, ...] = ()  # empty: 8 captions of the test split
+    sample_prompts: tuple[str, ...] = ()  # empty: 8 captions of the test split (of train, without test clips)
     sample_steps: tuple[int, ...] = (1, 2, 4)  # γ = 0 samples written at the end
     sample_seed: int = 1234
 
@@ -281,6 +281,13 @@ def train_distill(
         check_same_architecture(src.config, model_cfg, f"teacher {teacher} vs config {config}")
         ds = ClipDataset(data)
         ds.check_matches(model_cfg.sample_rate, model_cfg.dit.latent_frames * model_cfg.latent_hop)
+        prompts_from_test = bool(dcfg.sample_steps) and not dcfg.sample_prompts
+        check_splits(
+            ds,
+            "train distill",
+            {"test": "the samples' prompts are training captions"} if prompts_from_test else {},
+            batch_size=dcfg.batch_size,
+        )
         vae_id = str(src.provenance.get("latent_id") or src.provenance.get("vae_id", "teacher-vae"))
         if env.is_main:
             cache_latents(ds, src.codec, vae_id)  # idempotent: reuses the teacher's cache
@@ -402,7 +409,8 @@ def _fit(
 
 @torch.no_grad()
 def write_student_samples(src: ModelSource, ds: ClipDataset, dcfg: DistillConfig, out: Path) -> Path:
-    """γ = 0 samples of the test prompts at each of dcfg.sample_steps (same noise), as WAVs."""
+    """γ = 0 samples of the sample prompts (teacher_train.sample_prompts) at each of dcfg.sample_steps (same
+    noise), as WAVs."""
     import soundfile as sf
 
     from .edm import sampling_sigmas

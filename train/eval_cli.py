@@ -63,7 +63,8 @@ def eval_command(
     import torch
 
     from .birdnet import make_embedding
-    from .data import ClipDataset
+    from .cli import data_errors
+    from .data import ClipDataset, check_splits
     from .distill_train import STUDENT_CHECKPOINT, TEACHER_CHECKPOINT
     from .eval import evaluate, load_checkpoint_of, markdown, write_result
 
@@ -73,11 +74,15 @@ def eval_command(
     logging.getLogger("soundctm_rt.train").setLevel(logging.INFO)
     if threads:
         torch.set_num_threads(threads)
+    ds = ClipDataset(data)
+    with data_errors():
+        ds.require("test", "`soundctm-rt eval` (its prompts and reference clips)")
+        check_splits(ds, "eval", {"valid": "no valid-vs-test floor, and the probe's ridge is not chosen on it"})
     embed = make_embedding(cfg.embedding, threads=threads or 1)
     result = evaluate(
         load_checkpoint_of(student, STUDENT_CHECKPOINT) if student else None,
         load_checkpoint_of(teacher, TEACHER_CHECKPOINT),
-        ClipDataset(data),
+        ds,
         embed,
         cfg,
         ablation=load_checkpoint_of(ablation, STUDENT_CHECKPOINT) if ablation else None,

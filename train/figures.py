@@ -52,6 +52,7 @@ def spectrogram_grid(
     from .report import save_spectrograms
 
     ds = ClipDataset(data)
+    ds.require("test", "`soundctm-rt eval-spectrograms` (its real clips and prompts)")
     eng = Engine(bundle, backend=backend)
     if eng.sample_rate != ds.sample_rate:
         raise ValueError(f"bundle rate {eng.sample_rate} Hz differs from the dataset's {ds.sample_rate} Hz")
@@ -92,5 +93,8 @@ def spectrograms_command(
         step_list = tuple(int(s) for s in steps.split(",") if s.strip())
     except ValueError:
         raise typer.BadParameter(f"comma-separated integers, not {steps!r}", param_hint="--steps") from None
-    info = spectrogram_grid(Path(b), data, output, step_list, max_classes, seed, backend)
+    from .cli import data_errors
+
+    with data_errors():
+        info = spectrogram_grid(Path(b), data, output, step_list, max_classes, seed, backend)
     typer.echo(json.dumps(info, indent=2))

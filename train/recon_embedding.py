@@ -50,7 +50,7 @@ def embedding_report(
         return np.concatenate([embed(waves[i : i + 64], sr) for i in range(0, len(waves), 64)])
 
     e_ref = emb(ds.wave(ref_idx))
-    e_valid = emb(ds.wave(valid_idx))
+    e_valid = emb(ds.wave(valid_idx)) if len(valid_idx) else np.zeros((0, e_ref.shape[1]))  # first ridge then
     probe, ridge, valid_acc = RidgeProbe.select(
         e_ref,
         [labels[int(i)] for i in ref_idx],

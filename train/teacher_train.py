@@ -10,6 +10,8 @@ caption of the dataset once at start (an in-memory table; "" is row 0).
 Samples (rank 0, every `sample_every` steps and at the end): Heun (train.sampling.sample_heun) on the Karras
 grid of `sample_steps` points with the CFG denoiser (sampling.cfg_denoiser, ω = sample_omega), decoded by
 the codec, for captions of the *test* split: WAVs and a spectrogram PNG under samples/teacher_<step>/.
+Without test clips the prompts (unless configured) and the reference clips come from the training split, and
+without validation clips no valid_loss is logged; the run says so once when it starts.
 
 Final files: final/teacher_ema.safetensors (+ _fp16) — the DiT's EMA weights with the model config in the
 metadata — and final/teacher_model.safetensors, the train.checkpoint format (teacher in the student slot, with
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from .checkpoint import ModelSource, save_model_checkpoint
-from .data import ClipDataset
+from .data import ClipDataset, check_splits
 from .edm import karras_sigmas
 from .latent import denormalise, normalise, resolve_latent
 from .loop import (
@@ -62,6 +64,8 @@ from .sampling import cfg_denoiser, sample_heun
 
 logger = logging.getLogger(__name__)
 
+SAMPLES_FROM_TRAIN = "the samples' prompts (unless configured) and reference clips come from the training split"
+
 
 @dataclass(frozen=True)
 class TeacherTrainConfig:
@@ -81,7 +85,7 @@ class TeacherTrainConfig:
     log_every: int = 25
     ckpt_every: int = 250
     sample_every: int = 1000
-    sample_prompts: tuple[str, ...] = ()  # empty: 8 captions of the test split
+    sample_prompts: tuple[str, ...] = ()  # empty: 8 captions of the test split (of train, without test clips)
     sample_steps: int = 40  # Karras grid points of the Heun sampler (METHOD §1: N = 40)
     sample_omega: float = 3.0  # CFG scale of the samples
     sample_seed: int = 1234
@@ -181,6 +185,9 @@ def train_teacher(
         model_cfg, tcfg, resolved = resolve(config, data, vae, **overrides)
         ds = ClipDataset(data)
         ds.check_matches(model_cfg.sample_rate, model_cfg.dit.latent_frames * model_cfg.latent_hop)
+        check_splits(
+            ds, "train teacher", {"valid": "no valid_loss", "test": SAMPLES_FROM_TRAIN}, batch_size=tcfg.batch_size
+        )
         codec, latents, mu, std, provenance = resolve_latent(model_cfg, ds, vae, env)
         init = None
         if init_from is not None:
@@ -250,6 +257,7 @@ def _fit(
     lossmod = wrap_ddp(TeacherLoss(denoiser), env)
     dev = env.device
     train_idx = ds.indices("train")
+    has_valid = len(ds.indices("valid")) > 0
     cap_rows = table.rows(ds.captions)
     c, T = model_cfg.latent_channels, model_cfg.dit.latent_frames
     local_b = local_batch_size(tcfg.batch_size, env)
@@ -304,7 +312,8 @@ def _fit(
             )
         if env.is_main and (k % tcfg.sample_every == 0 or k == end_step):
             ema_cpu = copy.deepcopy(ema.model).cpu()
-            rd.log({"step": k, "valid_loss": valid_loss(ema_cpu, latents, ds, table, mu, std, tcfg.sample_seed)})
+            if has_valid:
+                rd.log({"step": k, "valid_loss": valid_loss(ema_cpu, latents, ds, table, mu, std, tcfg.sample_seed)})
             write_samples(
                 ema_cpu,
                 text,
@@ -371,9 +380,7 @@ def valid_loss(
     n: int = 128,
 ) -> float:
     """EDM loss of a denoiser on up to n validation clips, fixed σ and noise (comparable across steps)."""
-    idx = ds.indices("valid")[:n]
-    if len(idx) == 0:
-        return float("nan")
+    idx = ds.require("valid", "valid_loss")[:n]
     g = torch.Generator().manual_seed(seed)
     x0 = normalise(torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)), mu, std)
     sigma = sample_log_normal_sigma(len(idx), g)
@@ -382,13 +389,18 @@ def valid_loss(
     return float(edm_loss(lambda x, s: denoiser.D(x, s, cond), x0, sigma, eps, denoiser.sigma_data))
 
 
+def sample_split(ds: ClipDataset) -> str:
+    """The split whose captions and clips the samples take: test, or train when there are no test clips."""
+    return "test" if len(ds.indices("test")) else "train"
+
+
 def sample_prompts(ds: ClipDataset, tcfg: TeacherTrainConfig, k: int = 8) -> list[str]:
-    """The configured prompts, or k distinct captions of the test split spread over its corpora."""
+    """The configured prompts, or k distinct captions of the sample split spread over its corpora."""
     if tcfg.sample_prompts:
         return list(tcfg.sample_prompts)
     from .report import pick_examples
 
-    caps = [ds.captions[int(i)] for i in pick_examples(ds, ds.indices("test"), 4 * k)]
+    caps = [ds.captions[int(i)] for i in pick_examples(ds, ds.indices(sample_split(ds)), 4 * k)]
     return list(dict.fromkeys(caps))[:k]
 
 
@@ -449,15 +461,16 @@ def write_samples(
     for j, w in enumerate(wav):
         sf.write(out / f"{j}.wav", w, ds.sample_rate)
     # beside each sample, a real held-out clip with the same caption (silence when the prompt is not one)
-    test_idx = ds.indices("test")
+    split = sample_split(ds)
+    ref_idx = ds.indices(split)
     refs = []
     for p in prompts:
-        match = [int(i) for i in test_idx if ds.captions[int(i)] == p]
+        match = [int(i) for i in ref_idx if ds.captions[int(i)] == p]
         refs.append(ds.wave(match[:1])[0] if match else np.zeros(wav.shape[-1], dtype=np.float32))
     save_spectrograms(
         [[w, r] for w, r in zip(wav, refs, strict=True)],
         prompts,
-        [f"teacher Heun {tcfg.sample_steps}, ω={tcfg.sample_omega}", "real test clip"],
+        [f"teacher Heun {tcfg.sample_steps}, ω={tcfg.sample_omega}", f"real {split} clip"],
         out / "spectrograms.png",
         ds.sample_rate,
     )

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ClipDataset, latent_cache_dir
+from .data import ClipDataset, check_splits, latent_cache_dir
 from .loop import (
     DistEnv,
     IntervalMeans,
@@ -51,7 +51,7 @@ from .loop import batches as make_batches
 from .losses import mel_l1, mr_stft_loss
 from .models.config import ModelConfig, load_toml
 from .models.vae import VAE, pad_context
-from .vae_train import _validate, load_vae_run
+from .vae_train import REPORT_SKIPPED, VALIDATION_SKIPPED, _validate, load_vae_run
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,8 @@ def train_vae_decoder(
         parent, model_cfg, parent_id = load_vae_run(vae)
         ds = ClipDataset(data)
         ds.check_matches(model_cfg.vae.sample_rate, model_cfg.dit.latent_frames * model_cfg.vae.latent_hop)
+        skipped = {"valid": VALIDATION_SKIPPED, **({"test": REPORT_SKIPPED} if finalize else {})}
+        check_splits(ds, "train vae-decoder", skipped, batch_size=tcfg.batch_size)
         cache = latent_cache_dir(ds.root, parent_id) / "latents.npy"
         if not cache.is_file():
             raise FileNotFoundError(

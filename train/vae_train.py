@@ -8,7 +8,8 @@ remains an open option (documented, not implemented).
 After training (rank 0): final/vae.safetensors (fp32) and final/vae_fp16.safetensors; the posterior means of
 every clip of the dataset cached once (data.cache_latents); per-channel statistics μ_c, std_c over the
 *training* clips' latent frames in final/latent_stats.safetensors (METHOD §5: z' = 0.5·(z − μ_c)/std_c);
-report/test_metrics.json + test_spectrograms.png (report.reconstruction_report).
+report/test_metrics.json + test_spectrograms.png (report.reconstruction_report). Without validation clips
+there are no validation reconstructions, without test clips no report: the run says so once when it starts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ClipDataset, cache_latents
+from .data import ClipDataset, cache_latents, check_splits
 from .loop import (
     EMA,
     DistEnv,
@@ -51,6 +52,9 @@ from .models.config import ModelConfig, load_model_config, load_toml
 from .models.vae import VAE
 
 logger = logging.getLogger(__name__)
+
+VALIDATION_SKIPPED = "no validation reconstructions"
+REPORT_SKIPPED = "no reconstruction report (report/test_metrics.json)"
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ def train_vae(
         model_cfg, tcfg, resolved = resolve(config, data, **overrides)
         ds = ClipDataset(data)
         ds.check_matches(model_cfg.vae.sample_rate, model_cfg.dit.latent_frames * model_cfg.vae.latent_hop)
+        skipped = {"valid": VALIDATION_SKIPPED, **({"test": REPORT_SKIPPED} if finalize else {})}
+        check_splits(ds, "train vae", skipped, batch_size=tcfg.batch_size)
         rd = RunDir(run, env)
         state = rd.start(resolved, resume)
         _fit(env, rd, state, model_cfg, tcfg, ds, max_steps or tcfg.steps)
@@ -309,7 +315,8 @@ def load_latent_stats(run: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def finalize_vae(run: str | Path, ds: ClipDataset, report: bool = True) -> dict[str, Any]:
-    """Cache the dataset's latents, compute per-channel statistics over training clips, write the report."""
+    """Cache the dataset's latents, compute per-channel statistics over training clips, write the report (not
+    when the dataset has no test clips: the callers said so when they started)."""
     run = Path(run)
     vae, cfg, vae_id = load_vae_run(run)
     lat = np.load(cache_latents(ds, vae, vae_id), mmap_mode="r")
@@ -333,7 +340,7 @@ def finalize_vae(run: str | Path, ds: ClipDataset, report: bool = True) -> dict[
         float(std.max()),
     )
     out: dict[str, Any] = {"vae_id": vae_id}
-    if report:
+    if report and len(ds.indices("test")):
         from .report import MelPCA, reconstruction_report
 
         # the PCA baseline keeps as many numbers per second as the latent (report module docstring)
