@@ -44,6 +44,8 @@ def export(
     """Export a model to an ONNX + OpenVINO bundle, with a parity gate against torch."""
     import logging
 
+    from ..bundle import Bundle, BundleError
+
     try:
         step_list = tuple(int(s) for s in steps.split(",") if s.strip())
     except ValueError:
@@ -84,12 +86,17 @@ def export(
             stream_chunk=stream_chunk,
             min_snr_db=min_snr_db,
         )
-        src = init_random(load_model_config(config), seed) if init else load_model_checkpoint(checkpoint)
+        if init:
+            assert config is not None  # checked above: --init random needs --config
+            src = init_random(load_model_config(config), seed)
+        else:
+            assert checkpoint is not None  # checked above: one of CHECKPOINT and --init
+            src = load_model_checkpoint(checkpoint)
         out = export_bundle(src, output, opts)
-    except (ValueError, FileNotFoundError, FileExistsError, ParityError) as e:
+        bundle = Bundle.open(out)  # what the runtime will read, checked as it will check it
+    except (ValueError, FileNotFoundError, FileExistsError, ParityError, BundleError) as e:
         typer.secho(f"error: {e}", err=True, fg="red")
-        raise typer.Exit(1) from None
-    from ..bundle import Bundle
+        raise typer.Exit(1) from None  # a failure; the checks above exit 2 for a wrong command line
     from ..cli_runtime import describe
 
-    typer.echo(describe(Bundle.open(out)))
+    typer.echo(describe(bundle))

@@ -88,7 +88,10 @@ def int8_word_embedding_gather(model_path: Path, table: np.ndarray, scale: float
     init = inits[name]
     init.CopyFrom(numpy_helper.from_array(q.astype(np.int8), name))
     model.graph.initializer.extend(
-        [numpy_helper.from_array(np.array(s32), f"{name}_scale"), numpy_helper.from_array(np.int8(0), f"{name}_zero")]
+        [
+            numpy_helper.from_array(np.array(s32), f"{name}_scale"),
+            numpy_helper.from_array(np.array(0, dtype=np.int8), f"{name}_zero"),
+        ]
     )
     out = gather.output[0]
     gather.output[0] = f"{out}_int8"

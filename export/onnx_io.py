@@ -60,6 +60,8 @@ def export_onnx(
             optimize=True,
             verbose=False,
         )
+    if prog is None:  # only the legacy (dynamo=False) exporter returns nothing
+        raise RuntimeError(f"torch.onnx.export returned no program for {path.name}")
     model = prog.model_proto
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from ..train.checkpoint import ModelSource
-from ..train.edm import G_from_g, c_in, c_noise, c_out, c_skip, gamma_s, karras_sigmas
-from ..train.models.denoiser import CTMDenoiser
+from ..train.edm import gamma_s, karras_sigmas
+from ..train.latent import denormalise
+from ..train.models.denoiser import Conditioning, CTMDenoiser
 from ..train.models.text import TextEncoder
 from ..train.models.vae import VAE
 
@@ -35,25 +36,26 @@ class StudentStepExport(nn.Module):
         self.student = student
 
     def forward(self, x, t, s, tokens, token_mask, pooled, omega):
-        net, sd = self.student.net, self.student.sigma_data
-        t3 = t[:, None, None]
-        F_out = net(c_in(t3, sd) * x, c_noise(t), c_noise(s), tokens, token_mask, pooled, omega)
-        g = c_skip(t3, sd) * x + c_out(t3, sd) * F_out
-        return G_from_g(x, t, s, g)
+        return self.student.G(x, t, s, Conditioning(tokens, token_mask, pooled), omega)
 
 
 class DecoderExport(nn.Module):
     """Normalised latent [1, C, T] -> waveform [1, T·hop]: denormalise, pad R frames, run the core."""
 
-    def __init__(self, vae: VAE, mean: torch.Tensor, std: torch.Tensor) -> None:
+    mean: torch.Tensor  # [C]
+    std: torch.Tensor  # [C]
+
+    def __init__(self, codec: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
-        self.core = vae.decoder
-        self.r = vae.cfg.decoder_context
-        self.register_buffer("mean", mean.float().reshape(1, -1, 1))
-        self.register_buffer("std", std.float().reshape(1, -1, 1))
+        if not isinstance(codec, VAE):
+            raise TypeError(f"decoder graphs need a VAE codec, not {type(codec).__name__} (decoded on the host)")
+        self.core = codec.decoder
+        self.r = codec.cfg.decoder_context
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
 
     def denorm(self, z_norm: torch.Tensor) -> torch.Tensor:
-        return 2.0 * self.std * z_norm + self.mean  # METHOD §5
+        return denormalise(z_norm, self.mean, self.std)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         z = self.denorm(latent)
@@ -87,6 +89,7 @@ class FusedSamplerExport(nn.Module):
         self.steps = steps
         self.sigma_min = edm.sigma_min
         self.step = StudentStepExport(src.student)
+        self.sigmas: torch.Tensor  # [steps + 1]
         self.register_buffer("sigmas", karras_sigmas(steps + 1, edm.sigma_min, edm.sigma_max, edm.rho))
         self.decoder = DecoderExport(src.codec, src.latent_mean, src.latent_std) if decode else None
 

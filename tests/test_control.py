@@ -149,8 +149,8 @@ def test_unknown_preset_is_a_clear_error():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, request):
     from soundctm_rt.train.checkpoint import init_random, save_model_checkpoint
+    from soundctm_rt.train.conditioning import encode_prompts
     from soundctm_rt.train.models.config import load_model_config
-    from soundctm_rt.train.teacher_train import encode_prompts
 
     src = init_random(load_model_config(getattr(request, "param", "tiny")), seed=0)
     path = save_model_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.safetensors", src, torch.float32)

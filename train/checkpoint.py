@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .latent import build_codec
+from .latent import Codec, build_codec, decode_latent, denormalise
 from .models.config import ModelConfig
 from .models.denoiser import CTMDenoiser
 from .models.dit import DiT
@@ -24,6 +24,8 @@ from .models.text import TextEncoder
 from .models.vae import VAE
 
 FORMAT = "soundctm-rt-model/1"
+STUDENT_CHECKPOINT = "student_model.safetensors"  # under a distillation run's final/: what `soundctm-rt export` reads
+TEACHER_CHECKPOINT = "teacher_model.safetensors"  # under a teacher run's final/
 
 
 @dataclass
@@ -32,14 +34,22 @@ class ModelSource:
 
     config: ModelConfig
     student: CTMDenoiser
-    codec: torch.nn.Module  # train.latent: MelCodec or VAE
+    codec: Codec  # train.latent: MelCodec or VAE
     text: TextEncoder
     latent_mean: torch.Tensor  # [C]: METHOD §5, z' = 0.5·(z - μ)/std
     latent_std: torch.Tensor  # [C]
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    def denormalise(self, x0: torch.Tensor) -> torch.Tensor:
+        """Normalised latent [B, C, T] -> the codec's raw latent (METHOD §5)."""
+        return denormalise(x0, self.latent_mean, self.latent_std)
 
-def build_networks(cfg: ModelConfig) -> tuple[TextEncoder, CTMDenoiser, torch.nn.Module]:
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Normalised latent [B, C, T] -> waveform [B, T·hop] (no gradient through a mel code's phase)."""
+        return decode_latent(self.codec, x0, self.latent_mean, self.latent_std)
+
+
+def build_networks(cfg: ModelConfig) -> tuple[TextEncoder, CTMDenoiser, Codec]:
     """Fresh text encoder (pretrained or seeded), student/teacher network and latent codec of an architecture."""
     text = TextEncoder(cfg.text)
     net = DiT(cfg.dit, cfg.latent_channels, text.hidden_size)
@@ -149,6 +159,8 @@ def swap_vae(
     latent statistics μ_c, std_c (METHOD §5) match to 1e-4 relative: a different latent space would make the
     student's output meaningless to the new decoder.
     """
+    if not isinstance(src.codec, VAE):
+        raise ValueError("the checkpoint's latent is the mel code, not a VAE: there is no decoder to swap")
     if vae.cfg != src.config.vae:
         raise ValueError(f"the VAE's config {vae.cfg} is not the checkpoint's {src.config.vae}")
     new_enc = vae.encoder.state_dict()

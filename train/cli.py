@@ -190,7 +190,7 @@ def vae_decoder(
     trained on them stay valid (swap it into a model checkpoint with `train swap-vae`)."""
     from .vae_decoder_train import resolve, train_vae_decoder
 
-    overrides = {"steps": steps, "batch_size": batch_size, "latent_noise": latent_noise}
+    overrides: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "latent_noise": latent_noise}
     if dry_run:
         typer.echo(json.dumps(resolve(config, data, vae, **overrides)[1], indent=2))
         return
@@ -206,7 +206,7 @@ def swap_vae_cmd(
 ) -> None:
     """Put a fine-tuned decoder into a model checkpoint: same encoder and latent statistics, new decoder."""
     from .checkpoint import load_model_checkpoint, save_model_checkpoint, swap_vae
-    from .vae_train import load_latent_stats, load_vae_run
+    from .vae_run import load_latent_stats, load_vae_run
 
     _setup_logging()
     src = load_model_checkpoint(checkpoint)
@@ -226,7 +226,7 @@ def vae_finalize(data: Path = _DATA, run: Path = _RUN, threads: int = _THREADS) 
     import torch
 
     from .data import ClipDataset, check_splits
-    from .vae_train import REPORT_SKIPPED, finalize_vae
+    from .vae_run import REPORT_SKIPPED, finalize_vae
 
     _setup_logging()
     if threads:
@@ -283,7 +283,7 @@ def vae_embedding_report(
     candidates: list[str] = []
     vae_id = None
     if run is not None:
-        from .vae_train import load_vae_run
+        from .vae_run import load_vae_run
 
         vae, vcfg, vae_id = load_vae_run(run)
         k = max(1, round(vcfg.vae.latent_channels * MelPCA.hop / vcfg.vae.latent_hop))
@@ -420,7 +420,7 @@ def prepare_latents(
     import torch
 
     from .data import ClipDataset, cache_latents
-    from .vae_train import load_vae_run
+    from .vae_run import load_vae_run
 
     _setup_logging()
     if threads:
@@ -475,13 +475,13 @@ def distill_cost(
     import torch
 
     from .distill_train import DistillConfig, measure_iteration
-    from .loop import build_table
-    from .models.config import load_model_config, load_toml
+    from .models.config import load_model_config
+    from .stage import stage_table
 
     _setup_logging()
     if threads:
         torch.set_num_threads(threads)
-    dcfg = build_table(DistillConfig, load_toml(config).get("distill", {}), "distill")
+    dcfg = stage_table(config, DistillConfig, "distill")
     recs = measure_iteration(load_model_config(config), dcfg, batch_size, [int(x) for x in n.split(",")], repeats)
     text = json.dumps(recs, indent=1)
     if json_out:

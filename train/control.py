@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .checkpoint import ModelSource
 from .edm import gamma_s, sampling_sigmas
-from .latent import MelCodec, denormalise
+from .latent import MelCodec
 from .losses import mel_filterbank, stft_mag
 from .models.denoiser import Conditioning
 from .sampling import Jump, guided_jump, sample_gamma
@@ -182,9 +182,9 @@ def loss_features(src: ModelSource, x0: torch.Tensor) -> tuple[torch.Tensor, Cal
     timbre profile as each mel band's share of the clip's energy. A VAE latent is decoded first.
     """
     if isinstance(src.codec, MelCodec):
-        z = denormalise(x0, src.latent_mean, src.latent_std)
+        z = src.denormalise(x0)
         return src.codec.intensity_db(z), lambda: mel_timbre_profile(z)
-    y = decode(src, x0)
+    y = src.decode(x0)
     return intensity_db(y, src.config.latent_hop), lambda: timbre_profile(y, src.config.sample_rate)
 
 
@@ -214,14 +214,9 @@ def db_rmse(level: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
 # ------------------------------------------------------------------------------------------------ plumbing
 
 
-def decode(src: ModelSource, x0: torch.Tensor) -> torch.Tensor:
-    """Normalised latent [B, C, T] -> waveform [B, T·latent_hop] (METHOD §5 de-normalisation)."""
-    return src.codec.decode(denormalise(x0, src.latent_mean, src.latent_std))
-
-
 def decoded_intensity(src: ModelSource, x0: torch.Tensor) -> torch.Tensor:
     """[B, C, T] normalised latent -> intensity [B, T] dB of its decode."""
-    return intensity_db(decode(src, x0), src.config.latent_hop)
+    return intensity_db(src.decode(x0), src.config.latent_hop)
 
 
 def freeze(src: ModelSource) -> None:

@@ -74,10 +74,10 @@ def generate_controlled(
 
     from ..sampling import draw_noise
     from .checkpoint import load_model_checkpoint
+    from .conditioning import encode_prompts
     from .control import (
         ControlConfig,
         db_rmse,
-        decode,
         intensity_db,
         sample_loss_guided,
         sample_noise_optimised,
@@ -86,7 +86,6 @@ def generate_controlled(
         with_level,
     )
     from .control_curves import CurveError, load_curve, resample
-    from .teacher_train import encode_prompts
 
     if threads:
         torch.set_num_threads(threads)
@@ -122,7 +121,7 @@ def generate_controlled(
     else:
         res = sample_loss_guided(src, jump, eps_T, noises, target, p["steps"], p["gamma"], cc, mask)
     with torch.no_grad():
-        y0, y = decode(src, base.x0), decode(src, res.x0)
+        y0, y = src.decode(base.x0), src.decode(res.x0)
         gain = torch.zeros(K)
         if cc.match_level:  # the curve's shape was controlled; a gain sets its level (train.control)
             y, gain = with_level(y, target, mc.latent_hop, mask)

@@ -37,10 +37,10 @@ import torch
 from ..sampling import draw_noise
 from .birdnet import Embedding
 from .checkpoint import ModelSource
+from .conditioning import encode_prompts
 from .control import (
     INTENSITY_FLOOR_DB,
     ControlConfig,
-    decode,
     intensity_db,
     optimise_noise,
     sample_loss_guided,
@@ -54,7 +54,6 @@ from .edm import sampling_sigmas
 from .eval import RidgeProbe, clip_labels, spread
 from .figures import class_examples
 from .sampling import sample_gamma
-from .teacher_train import encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ class Case:
 def _timed_decode(src: ModelSource, x0: torch.Tensor) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
     with torch.no_grad():
-        y = decode(src, x0)
+        y = src.decode(x0)
     return y, time.perf_counter() - t0
 
 

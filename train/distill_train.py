@@ -28,7 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import ModelSource, build_networks, load_model_checkpoint, perturb_zero_init, save_model_checkpoint
+from .checkpoint import (
+    STUDENT_CHECKPOINT,
+    TEACHER_CHECKPOINT,
+    ModelSource,
+    build_networks,
+    load_model_checkpoint,
+    perturb_zero_init,
+    save_model_checkpoint,
+)
+from .conditioning import CaptionTable, encode_prompts, sample_prompts
 from .ctm import (
     DISTANCES,
     CTMLoss,
@@ -44,37 +53,17 @@ from .ctm import (
     teacher_solve,
 )
 from .data import ClipDataset, cache_latents, check_splits
-from .latent import denormalise, normalise
-from .loop import (
-    EMA,
-    DistEnv,
-    IntervalMeans,
-    RunDir,
-    apply_overrides,
-    barrier,
-    build_table,
-    configure_logging,
-    init_distributed,
-    local_batch_size,
-    progress_bar,
-    shard,
-    shutdown,
-    step_generator,
-    wrap_ddp,
-)
-from .loop import batches as make_batches
-from .models.config import EDMConfig, ModelConfig, load_model_config, load_toml
+from .latent import normalise
+from .loop import EMA, DistEnv, RunDir, barrier, shard, step_generator, wrap_ddp
+from .models.config import EDMConfig, ModelConfig, load_model_config
 from .models.denoiser import Conditioning, CTMDenoiser
-from .teacher_train import CaptionTable, encode_prompts
+from .stage import Stage, StageConfig, TrainState, distributed_job, run_stage, stage_table
 
 logger = logging.getLogger(__name__)
 
-STUDENT_CHECKPOINT = "student_model.safetensors"  # under final/: what `soundctm-rt export` reads
-TEACHER_CHECKPOINT = "teacher_model.safetensors"  # under a teacher run's final/
-
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(StageConfig):
     """The [distill] table: METHOD §3 settings and the documented scale switches."""
 
     steps: int = 30000  # METHOD §3.10: ~30k iterations in the releases
@@ -90,9 +79,6 @@ class DistillConfig:
     omega_max: float = 0.0
     lambda_dsm: float = 0.2  # METHOD §3.9: 0.2 as in the DiT release (our network is a DiT); 1.0 in the UNet one
     dsm_karras_r_max: float = 0.7  # METHOD §3.8: r ~ U[0, 0.7] for the Karras half of the DSM σ
-    seed: int = 0
-    log_every: int = 25
-    ckpt_every: int = 250
     time_parts: bool = True  # time each part of the iteration (synchronises CUDA around parts)
     sample_prompts: tuple[str, ...] = ()  # empty: 8 captions of the test split (of train, without test clips)
     sample_steps: tuple[int, ...] = (1, 2, 4)  # γ = 0 samples written at the end
@@ -149,9 +135,8 @@ def resolve(
     config: str | Path, teacher: str | Path, data: str | Path, **overrides: Any
 ) -> tuple[ModelConfig, DistillConfig, dict]:
     """Model config, [distill] (with CLI overrides) and the resolved dictionary saved in the run dir."""
-    doc = load_toml(config)
     model_cfg = load_model_config(config)
-    dcfg = apply_overrides(build_table(DistillConfig, doc.get("distill", {}), "distill"), **overrides)
+    dcfg = stage_table(config, DistillConfig, "distill", **overrides)
     lo, hi = dcfg.omega_range(model_cfg.edm)
     resolved = {
         "stage": "distill",
@@ -197,7 +182,11 @@ class Draws:
     eps_dsm: torch.Tensor  # [B, C, T]
 
     def local(self, env: DistEnv) -> Draws:
+        """This rank's rows."""
         return Draws(self.n, *(shard(getattr(self, f.name), env) for f in dataclasses.fields(self)[1:]))
+
+    def to(self, device: str) -> Draws:
+        return Draws(self.n, *(getattr(self, f.name).to(device) for f in dataclasses.fields(self)[1:]))
 
 
 def draw(dcfg: DistillConfig, edm: EDMConfig, batch: int, channels: int, frames: int, gen: torch.Generator) -> Draws:
@@ -248,10 +237,6 @@ def iteration(
     return {"loss": float(loss.detach()), "n": float(d.n), **{k: float(v) for k, v in parts.items()}}
 
 
-def _to(cond: Conditioning, dev: str) -> Conditioning:
-    return Conditioning(cond.tokens.to(dev), cond.token_mask.to(dev), cond.pooled.to(dev))
-
-
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -273,9 +258,7 @@ def train_distill(
     **overrides: Any,
 ) -> Path:
     """Distil (or resume) a student run; returns the run directory."""
-    env = init_distributed(threads)
-    configure_logging(env)
-    try:
+    with distributed_job(threads) as env:
         model_cfg, dcfg, resolved = resolve(config, teacher, data, **overrides)
         src = load_teacher(teacher)
         check_same_architecture(src.config, model_cfg, f"teacher {teacher} vs config {config}")
@@ -294,7 +277,7 @@ def train_distill(
         barrier(env)
         latents = np.load(ds.root / "latents" / vae_id / "latents.npy", mmap_mode="r")
         rd = RunDir(run, env)
-        state = rd.start(resolved, resume)
+        ckpt = rd.start(resolved, resume)
         provenance = {
             "stage": "distill",
             "teacher": resolved["teacher"],
@@ -302,123 +285,80 @@ def train_distill(
             "vae_id": vae_id,
             "distill": dataclasses.asdict(dcfg),
         }
-        _fit(env, rd, state, model_cfg, dcfg, ds, latents, src, max_steps or dcfg.steps, provenance)
-        return rd.path
-    finally:
-        shutdown(env)
+        end_step = max_steps or dcfg.steps
 
-
-def _fit(
-    env: DistEnv,
-    rd: RunDir,
-    state: dict | None,
-    model_cfg: ModelConfig,
-    dcfg: DistillConfig,
-    ds: ClipDataset,
-    latents: np.ndarray,
-    src: ModelSource,
-    end_step: int,
-    provenance: dict[str, Any],
-) -> None:
-    dev = env.device
-    text = src.text
-    table = CaptionTable(text, ds.captions, model_cfg.text.max_length)
-    teacher = src.student.to(dev)
-    student = student_from_teacher(teacher).to(dev)  # METHOD §2
-    ema = EMA(student, dcfg.ema_decay)
-    opt = torch.optim.RAdam(student.parameters(), lr=dcfg.lr, betas=dcfg.betas, weight_decay=0.0)  # §3.10
-    step = 0
-    if state is not None:
-        student.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-        if state.get("world") != env.world:
-            logger.warning(
-                "resuming a %s-process run with %d processes: the data order changes", state.get("world"), env.world
-            )
-    lossmod = wrap_ddp(CTMLoss(student, teacher, dcfg.distance, dcfg.lambda_dsm), env)
-    grid = grid_sigmas(dcfg.N, model_cfg.edm).to(dev)
-    train_idx = ds.indices("train")
-    cap_rows = table.rows(ds.captions)
-    c, T = model_cfg.latent_channels, model_cfg.dit.latent_frames
-    local_b = local_batch_size(dcfg.batch_size, env)
-    mu, std = src.latent_mean, src.latent_std
-    logger.info(
-        "distill: student %.2f M params, %d training clips, N=%d, n<=%d (E[2n]=%.1f teacher passes), "
-        "distance %s, %d steps (global batch %d), %d process(es)",
-        sum(p.numel() for p in student.parameters()) / 1e6,
-        len(train_idx),
-        dcfg.N,
-        dcfg.n_max,
-        expected_teacher_passes(dcfg.n_max),
-        dcfg.distance,
-        end_step,
-        dcfg.batch_size,
-        env.world,
-    )
-    bar = progress_bar(end_step, step, env, "distill")
-    means = IntervalMeans(step)
-    for k, idx in make_batches(train_idx, dcfg.batch_size, env, dcfg.seed, step, end_step):
-        d = draw(dcfg, model_cfg.edm, dcfg.batch_size, c, T, step_generator(dcfg.seed, k)).local(env)
-        x0 = normalise(torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)), mu, std)
-        rows = cap_rows[torch.from_numpy(idx)]
-        rows = torch.where(d.drop, torch.zeros_like(rows), rows)  # METHOD §3.1: caption -> "" (row 0)
-        cond = _to(table.cond(rows), dev)
-        uncond = _to(table.cond(torch.zeros_like(rows)), dev)
-        d = Draws(d.n, *(getattr(d, f.name).to(dev) for f in dataclasses.fields(d)[1:]))
-        timer = PartTimer(dcfg.time_parts, cuda=dev.startswith("cuda"))
-        t0 = time.perf_counter()
-        metrics = iteration(lossmod, student, teacher, ema, opt, x0.to(dev), cond, uncond, d, grid, timer)
-        metrics["iteration_s"] = time.perf_counter() - t0
-        metrics.update({f"time_{p}": v for p, v in timer.seconds.items()})
-        means.add(metrics)
-        bar.update(1)
-        if k % dcfg.log_every == 0 or k == end_step:
-            rec = means.record(k, env)
-            rec.update(lr=dcfg.lr, clips_per_s=rec["steps_per_s"] * local_b * env.world)
-            rd.log(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        if k % dcfg.ckpt_every == 0 or k == end_step:
-            rd.save_checkpoint(
-                {
-                    "step": k,
-                    "model": student.state_dict(),
-                    "ema": ema.state_dict(),
-                    "opt": opt.state_dict(),
-                    "world": env.world,
-                }
-            )
-    bar.close()
-    if env.is_main:
-        final = copy.deepcopy(ema.model).cpu().eval()
-        out = ModelSource(
-            student_model_config(model_cfg, dcfg),
-            final,
-            src.codec,
-            text,
-            mu,
-            std,
-            {**provenance, "steps": end_step},
+        dev = env.device
+        table = CaptionTable(src.text, ds.captions, model_cfg.text.max_length)
+        teacher_net = src.student.to(dev)
+        student = student_from_teacher(teacher_net).to(dev)  # METHOD §2
+        ema = EMA(student, dcfg.ema_decay)
+        opt = torch.optim.RAdam(student.parameters(), lr=dcfg.lr, betas=dcfg.betas, weight_decay=0.0)  # §3.10
+        state = TrainState({"model": student, "ema": ema}, opt)
+        lossmod = wrap_ddp(CTMLoss(student, teacher_net, dcfg.distance, dcfg.lambda_dsm), env)
+        grid = grid_sigmas(dcfg.N, model_cfg.edm).to(dev)
+        train_idx = ds.indices("train")
+        cap_rows = table.rows(ds.captions)
+        c, T = model_cfg.latent_channels, model_cfg.dit.latent_frames
+        mu, std = src.latent_mean, src.latent_std
+        logger.info(
+            "distill: student %.2f M params, %d training clips, N=%d, n<=%d (E[2n]=%.1f teacher passes), "
+            "distance %s, %d steps (global batch %d), %d process(es)",
+            sum(p.numel() for p in student.parameters()) / 1e6,
+            len(train_idx),
+            dcfg.N,
+            dcfg.n_max,
+            expected_teacher_passes(dcfg.n_max),
+            dcfg.distance,
+            end_step,
+            dcfg.batch_size,
+            env.world,
         )
-        path = save_model_checkpoint(rd.final / STUDENT_CHECKPOINT, out, dtype=torch.float16)
-        logger.info("wrote the export checkpoint %s", path)
-        if dcfg.sample_steps:
-            write_student_samples(out, ds, dcfg, rd.samples / f"student_{end_step:07d}")
+
+        def step(k: int, idx: np.ndarray) -> dict[str, Any]:
+            d = draw(dcfg, model_cfg.edm, dcfg.batch_size, c, T, step_generator(dcfg.seed, k)).local(env)
+            x0 = normalise(torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)), mu, std)
+            rows = cap_rows[torch.from_numpy(idx)]
+            rows = torch.where(d.drop, torch.zeros_like(rows), rows)  # METHOD §3.1: caption -> "" (row 0)
+            cond = table.cond(rows).to(dev)
+            uncond = table.cond(torch.zeros_like(rows)).to(dev)
+            d = d.to(dev)
+            timer = PartTimer(dcfg.time_parts, cuda=dev.startswith("cuda"))
+            t0 = time.perf_counter()
+            metrics = iteration(lossmod, student, teacher_net, ema, opt, x0.to(dev), cond, uncond, d, grid, timer)
+            metrics["iteration_s"] = time.perf_counter() - t0
+            metrics.update({f"time_{p}": v for p, v in timer.seconds.items()})
+            return metrics
+
+        run_stage(env, rd, Stage("distill", dcfg, state, step), ckpt, train_idx, end_step)
+        if env.is_main:
+            final = copy.deepcopy(ema.model).cpu().eval()
+            out = ModelSource(
+                student_model_config(model_cfg, dcfg),
+                final,
+                src.codec,
+                src.text,
+                mu,
+                std,
+                {**provenance, "steps": end_step},
+            )
+            path = save_model_checkpoint(rd.final / STUDENT_CHECKPOINT, out, dtype=torch.float16)
+            logger.info("wrote the export checkpoint %s", path)
+            if dcfg.sample_steps:
+                write_student_samples(out, ds, dcfg, rd.samples / f"student_{end_step:07d}")
+        return rd.path
 
 
 @torch.no_grad()
 def write_student_samples(src: ModelSource, ds: ClipDataset, dcfg: DistillConfig, out: Path) -> Path:
-    """γ = 0 samples of the sample prompts (teacher_train.sample_prompts) at each of dcfg.sample_steps (same
+    """γ = 0 samples of the sample prompts (conditioning.sample_prompts) at each of dcfg.sample_steps (same
     noise), as WAVs."""
     import soundfile as sf
 
     from .edm import sampling_sigmas
     from .sampling import guided_jump, sample_gamma
-    from .teacher_train import sample_prompts
 
     cfg = src.config
-    prompts = sample_prompts(ds, dcfg)  # type: ignore[arg-type]  # duck-typed: .sample_prompts
+    prompts = sample_prompts(ds, dcfg.sample_prompts)
     uncond = encode_prompts(src.text, [""], cfg.text.max_length)
     g = torch.Generator().manual_seed(dcfg.sample_seed)
     eps_T = torch.randn(len(prompts), cfg.latent_channels, cfg.dit.latent_frames, generator=g)
@@ -429,7 +369,7 @@ def write_student_samples(src: ModelSource, ds: ClipDataset, dcfg: DistillConfig
             cond = encode_prompts(src.text, [p], cfg.text.max_length)
             jump = guided_jump(src.student, cond, uncond, cfg.edm.default_omega, cfg.edm.default_nu)
             x0 = sample_gamma(jump, sig[0] * eps_T[j : j + 1], sig, 0.0, [], cfg.edm.sigma_min)
-            wav = src.codec.decode(denormalise(x0, src.latent_mean, src.latent_std))[0].numpy()
+            wav = src.decode(x0)[0].numpy()
             sf.write(out / f"{j}_steps{steps}.wav", wav, ds.sample_rate)
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
     return out

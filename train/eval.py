@@ -46,14 +46,13 @@ import torch
 
 from .birdnet import Embedding
 from .checkpoint import ModelSource, load_model_checkpoint
+from .conditioning import encode_prompts
 from .ctm import cfg_teacher_denoiser, student_denoiser
 from .data import ClipDataset
 from .edm import karras_sigmas, sampling_sigmas
-from .latent import denormalise
 from .losses import mel_l1
 from .models.denoiser import Conditioning
 from .sampling import guided_jump, sample_gamma, sample_heun
-from .teacher_train import encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +255,7 @@ def generate(
         cond = encode_prompts(src.text, prompts[j], cfg.text.max_length)
         b = cond.tokens.shape[0]
         x0 = sampler(eps_T[j], cond, uncond1.expand(b), torch.empty(0), [n[j] for n in noises])
-        out.append(src.codec.decode(denormalise(x0, src.latent_mean, src.latent_std)).numpy())
+        out.append(src.decode(x0).numpy())
     return np.concatenate(out), time.perf_counter() - t0
 
 
@@ -309,7 +308,7 @@ def evaluate(
     embed: Embedding,
     cfg: EvalConfig,
     ablation: ModelSource | None = None,
-    paths: dict[str, str] | None = None,
+    paths: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """The evaluation table as a JSON-able dict {"rows", "floor", "config"} (module docstring). Without a
     student only the teacher row is measured."""
@@ -349,15 +348,14 @@ def evaluate(
     plans: list[tuple[str, str, int, float, ModelSource, Sampler]] = [
         ("teacher", "heun", cfg.teacher_steps, 0.0, teacher, teacher_sampler(teacher, cfg.teacher_steps, omega))
     ]
-    for steps in cfg.steps if student is not None else ():
-        for gamma in cfg.gammas:
-            plans.append(
-                ("student", "gamma", steps, gamma, student, student_gamma_sampler(student, steps, gamma, omega, cfg.nu))
-            )
-    if cfg.ode_steps and student is not None:
-        plans.append(
-            ("student", "ode", cfg.ode_steps, 0.0, student, student_ode_sampler(student, cfg.ode_steps, omega, cfg.nu))
-        )
+    if student is not None:
+        for steps in cfg.steps:
+            for gamma in cfg.gammas:
+                sampler = student_gamma_sampler(student, steps, gamma, omega, cfg.nu)
+                plans.append(("student", "gamma", steps, gamma, student, sampler))
+        if cfg.ode_steps:
+            sampler = student_ode_sampler(student, cfg.ode_steps, omega, cfg.nu)
+            plans.append(("student", "ode", cfg.ode_steps, 0.0, student, sampler))
     if ablation is not None:
         for steps in cfg.steps:
             plans.append(
@@ -399,8 +397,8 @@ def evaluate(
                 "frac_peak_below_-40dB": float((peak_db < -40.0).mean()),
                 "frac_over_full_scale": float((peak_db > 0.0).mean()),
             }
-            for k, v in vals.items():
-                m.setdefault(k, []).append(v)
+            for k, x in vals.items():
+                m.setdefault(k, []).append(x)
             logger.info("seed %d %s %s steps=%d gamma=%g: %s", seed, model, sampler_name, steps, gamma, vals)
         for name, ref in (("valid_vs_test", e_valid), ("train_vs_test", e_train)):
             if len(ref) < 2:

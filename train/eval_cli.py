@@ -63,9 +63,9 @@ def eval_command(
     import torch
 
     from .birdnet import make_embedding
+    from .checkpoint import STUDENT_CHECKPOINT, TEACHER_CHECKPOINT
     from .cli import data_errors
     from .data import ClipDataset, check_splits
-    from .distill_train import STUDENT_CHECKPOINT, TEACHER_CHECKPOINT
     from .eval import evaluate, load_checkpoint_of, markdown, write_result
 
     # the root callback has already configured logging (WARNING without -v): basicConfig would be a no-op, so the

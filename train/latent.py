@@ -47,8 +47,17 @@ def denormalise(zn: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.
     return 2.0 * std[:, None] * zn + mu[:, None]
 
 
+def decode_latent(codec: Codec, zn: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Normalised latent [B, C, T] -> waveform [B, T·hop]: denormalise (METHOD §5), then the codec's decode."""
+    return codec.decode(denormalise(zn, mu, std))
+
+
 class MelCodec(nn.Module):
     """The fixed log-mel code (METHOD §5b) behind the latent contract. No weights: buffers only."""
+
+    fb: torch.Tensor  # [M, F]
+    fb_pinv: torch.Tensor  # [F, M]
+    window: torch.Tensor  # [n_fft]
 
     def __init__(self, cfg: MelCodeConfig) -> None:
         super().__init__()
@@ -97,7 +106,10 @@ class MelCodec(nn.Module):
         return 20.0 * torch.log10(rms + 1e-10)
 
 
-def build_codec(cfg: ModelConfig) -> nn.Module:
+Codec = MelCodec | VAE  # the latent contract of the module docstring
+
+
+def build_codec(cfg: ModelConfig) -> Codec:
     """The codec of a model config: MelCodec for latent = "mel", a fresh VAE for "vae"."""
     return MelCodec(cfg.mel) if cfg.latent == "mel" else VAE(cfg.vae)
 
@@ -134,7 +146,7 @@ def load_statistics(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def resolve_latent(
     model_cfg: ModelConfig, ds: ClipDataset, vae_run: str | Path | None, env: DistEnv
-) -> tuple[nn.Module, np.ndarray, torch.Tensor, torch.Tensor, dict[str, str]]:
+) -> tuple[Codec, np.ndarray, torch.Tensor, torch.Tensor, dict[str, str]]:
     """The codec of a training stage, the dataset's cached raw latents [n, C, T] (memory-mapped), (μ, std) and
     provenance. For "mel" the cache and the statistics are made on first use; "vae" needs a finished run."""
     from .data import cache_latents, latent_cache_dir
@@ -143,7 +155,7 @@ def resolve_latent(
     if model_cfg.latent == "mel":
         if vae_run is not None:
             raise ValueError("the config's latent is the mel code: --vae applies only to latent = 'vae'")
-        codec: nn.Module = MelCodec(model_cfg.mel)
+        codec: Codec = MelCodec(model_cfg.mel)
         latent_id = mel_id(model_cfg.mel)
         stats_path = latent_cache_dir(ds.root, latent_id) / "latent_stats.safetensors"
         if env.is_main:
@@ -155,7 +167,7 @@ def resolve_latent(
         mu, std = load_statistics(stats_path)
         provenance = {"latent": "mel", "latent_id": latent_id}
     else:
-        from .vae_train import load_latent_stats, load_vae_run
+        from .vae_run import load_latent_stats, load_vae_run
 
         if vae_run is None:
             raise ValueError("the config's latent is a VAE: pass --vae RUN (a finished `train vae` run)")

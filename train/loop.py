@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import torch
@@ -153,12 +153,13 @@ def batches(
     Epoch e's order is DistributedSampler(seed, drop_last) at set_epoch(e); step k is batch (k-1) mod S of
     epoch (k-1) div S, S = steps per epoch. Resuming at any step recomputes the same order.
     """
-    from torch.utils.data import DistributedSampler
+    from torch.utils.data import Dataset, DistributedSampler
 
     b = local_batch_size(global_batch, env)
     spe = steps_per_epoch(len(items), global_batch)
-    sampler = DistributedSampler(
-        range(len(items)), num_replicas=env.world, rank=env.rank, shuffle=True, seed=seed, drop_last=True
+    positions = cast("Dataset[int]", range(len(items)))  # the sampler reads only its length
+    sampler: DistributedSampler[int] = DistributedSampler(
+        positions, num_replicas=env.world, rank=env.rank, shuffle=True, seed=seed, drop_last=True
     )
     epoch, order = -1, np.empty(0, dtype=np.int64)
     for step in range(start_step + 1, end_step + 1):
@@ -182,12 +183,15 @@ def lr_at(step: int, base: float, warmup: int, total: int, final_ratio: float) -
 # ------------------------------------------------------------------------------------------------------ EMA
 
 
-class EMA:
+M = TypeVar("M", bound=nn.Module)
+
+
+class EMA(Generic[M]):
     """Exponential moving average of a module's parameters (buffers copied): θ⁻ ← μ·θ⁻ + (1 − μ)·θ."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: M, decay: float) -> None:
         self.decay = decay
-        self.model = copy.deepcopy(model).eval()
+        self.model: M = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -195,8 +199,8 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
             e.lerp_(p.detach(), 1.0 - self.decay)
-        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            e.copy_(b)
+        for eb, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            eb.copy_(b)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

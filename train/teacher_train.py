@@ -32,35 +32,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import ModelSource, save_model_checkpoint
+from .checkpoint import TEACHER_CHECKPOINT, ModelSource, save_model_checkpoint
+from .conditioning import CaptionTable, encode_prompts, sample_prompts, sample_split
 from .data import ClipDataset, check_splits
 from .edm import karras_sigmas
-from .latent import denormalise, normalise, resolve_latent
-from .loop import (
-    EMA,
-    DistEnv,
-    IntervalMeans,
-    RunDir,
-    apply_overrides,
-    build_table,
-    configure_logging,
-    init_distributed,
-    local_batch_size,
-    lr_at,
-    progress_bar,
-    save_safetensors,
-    shard,
-    shutdown,
-    step_generator,
-    wrap_ddp,
-)
-from .loop import batches as make_batches
+from .latent import Codec, decode_latent, normalise, resolve_latent
+from .loop import EMA, RunDir, save_safetensors, shard, step_generator, wrap_ddp
 from .losses import edm_loss, sample_log_normal_sigma
-from .models.config import ModelConfig, load_model_config, load_toml
+from .models.config import ModelConfig, load_model_config
 from .models.denoiser import Conditioning, CTMDenoiser
 from .models.dit import DiT
-from .models.text import TextEncoder, load_tokenizer, tokenize
+from .models.text import TextEncoder
 from .sampling import cfg_denoiser, sample_heun
+from .stage import AdamWStageConfig, Stage, TrainState, distributed_job, run_stage, stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +52,13 @@ SAMPLES_FROM_TRAIN = "the samples' prompts (unless configured) and reference cli
 
 
 @dataclass(frozen=True)
-class TeacherTrainConfig:
+class TeacherTrainConfig(AdamWStageConfig):
     """The [teacher_train] table."""
 
     steps: int = 3000
     batch_size: int = 32  # global batch of clips
-    lr: float = 2e-4
-    warmup: int = 200
-    final_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # METHOD §3.1
-    seed: int = 0
-    log_every: int = 25
-    ckpt_every: int = 250
     sample_every: int = 1000
     sample_prompts: tuple[str, ...] = ()  # empty: 8 captions of the test split (of train, without test clips)
     sample_steps: int = 40  # Karras grid points of the Heun sampler (METHOD §1: N = 40)
@@ -103,9 +78,8 @@ def resolve(
     config: str | Path, data: str | Path, vae: str | Path | None, **overrides: Any
 ) -> tuple[ModelConfig, TeacherTrainConfig, dict]:
     """Model config, stage config (with CLI overrides) and the resolved dictionary saved in the run dir."""
-    doc = load_toml(config)
     model_cfg = load_model_config(config)
-    tcfg = apply_overrides(build_table(TeacherTrainConfig, doc.get("teacher_train", {}), "teacher_train"), **overrides)
+    tcfg = stage_table(config, TeacherTrainConfig, "teacher_train", **overrides)
     resolved = {
         "stage": "teacher",
         "config_source": str(config),
@@ -115,38 +89,6 @@ def resolve(
         "teacher_train": dataclasses.asdict(tcfg),
     }
     return model_cfg, tcfg, resolved
-
-
-class CaptionTable:
-    """Every distinct caption encoded once: tokens [U, L, H], mask [U, L], pooled [U, H]; row 0 is ""."""
-
-    def __init__(self, text: TextEncoder, captions: list[str], max_length: int, batch: int = 64) -> None:
-        self.names = ["", *sorted(set(captions) - {""})]
-        self.row = {c: i for i, c in enumerate(self.names)}
-        tok = load_tokenizer(max_length)
-        toks, masks, pooled = [], [], []
-        with torch.no_grad():
-            for i in range(0, len(self.names), batch):
-                ids, mask = tokenize(tok, self.names[i : i + batch])
-                t, p = text(ids, mask)
-                toks.append(t)
-                masks.append(mask)
-                pooled.append(p)
-        self.tokens, self.mask, self.pooled = torch.cat(toks), torch.cat(masks), torch.cat(pooled)
-
-    def rows(self, captions: list[str]) -> torch.Tensor:
-        return torch.tensor([self.row[c] for c in captions], dtype=torch.long)
-
-    def cond(self, rows: torch.Tensor) -> Conditioning:
-        return Conditioning(self.tokens[rows], self.mask[rows], self.pooled[rows])
-
-
-def encode_prompts(text: TextEncoder, prompts: list[str], max_length: int) -> Conditioning:
-    """Conditioning of arbitrary prompts [P, ...] (the sampler's captions need not be in the table)."""
-    ids, mask = tokenize(load_tokenizer(max_length), prompts)
-    with torch.no_grad():
-        tokens, pooled = text(ids, mask)
-    return Conditioning(tokens, mask, pooled)
 
 
 class TeacherLoss(nn.Module):
@@ -179,9 +121,7 @@ def train_teacher(
     optimiser state starts afresh, under the run's own warm-up). Its architecture and latent statistics must be
     this run's.
     """
-    env = init_distributed(threads)
-    configure_logging(env)
-    try:
+    with distributed_job(threads) as env:
         model_cfg, tcfg, resolved = resolve(config, data, vae, **overrides)
         ds = ClipDataset(data)
         ds.check_matches(model_cfg.sample_rate, model_cfg.dit.latent_frames * model_cfg.latent_hop)
@@ -195,157 +135,90 @@ def train_teacher(
             resolved["init_from"] = str(Path(init_from).resolve())
             provenance = {**provenance, "init_from": resolved["init_from"]}
         rd = RunDir(run, env)
-        state = rd.start(resolved, resume)
-        if state is None and init is not None:
-            state = {"init": init}
-        _fit(
-            env,
-            rd,
-            state,
-            model_cfg,
-            tcfg,
-            ds,
-            latents,
-            codec,
-            mu,
-            std,
-            max_steps or tcfg.steps,
-            provenance,
+        ckpt = rd.start(resolved, resume)
+        end_step = max_steps or tcfg.steps
+
+        text = TextEncoder(model_cfg.text)
+        table = CaptionTable(text, ds.captions, model_cfg.text.max_length)
+        torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+        denoiser = CTMDenoiser(
+            DiT(model_cfg.dit, model_cfg.latent_channels, text.hidden_size), model_cfg.edm.sigma_data
+        ).to(env.device)
+        ema = EMA(denoiser, tcfg.ema_decay)
+        state = TrainState({"model": denoiser, "ema": ema}, tcfg.optimizer(denoiser.parameters()))
+        if ckpt is None and init is not None:  # a new run started from a checkpoint's weights
+            denoiser.load_state_dict(init)
+            ema.load_state_dict(init)
+        lossmod = wrap_ddp(TeacherLoss(denoiser), env)
+        dev = env.device
+        train_idx = ds.indices("train")
+        has_valid = len(ds.indices("valid")) > 0
+        cap_rows = table.rows(ds.captions)
+        c, T = model_cfg.latent_channels, model_cfg.dit.latent_frames
+        logger.info(
+            "teacher %s params, %d training clips, %d captions, %d steps (global batch %d), %d process(es)",
+            f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f} M",
+            len(train_idx),
+            len(table.names) - 1,
+            end_step,
+            tcfg.batch_size,
+            env.world,
         )
+
+        def step(k: int, idx: np.ndarray) -> dict[str, Any]:
+            gen = step_generator(tcfg.seed, k)
+            drop = shard(torch.rand(tcfg.batch_size, generator=gen) < tcfg.caption_dropout, env)
+            sigma = shard(sample_log_normal_sigma(tcfg.batch_size, gen), env)
+            eps = shard(torch.randn(tcfg.batch_size, c, T, generator=gen), env)
+            x0 = normalise(torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)), mu, std)
+            rows = cap_rows[torch.from_numpy(idx)]
+            rows = torch.where(drop, torch.zeros_like(rows), rows)  # caption dropout to "" (row 0)
+            loss = lossmod(x0.to(dev), sigma.to(dev), eps.to(dev), table.cond(rows).to(dev))
+            gnorm = tcfg.optimizer_step(state.opt, loss, denoiser.parameters(), k)
+            ema.update(denoiser)
+            return {"loss": loss, "grad_norm": gnorm}
+
+        def evaluate(k: int) -> None:
+            ema_cpu = copy.deepcopy(ema.model).cpu()
+            if has_valid:
+                rd.log({"step": k, "valid_loss": valid_loss(ema_cpu, latents, ds, table, mu, std, tcfg.sample_seed)})
+            write_samples(ema_cpu, text, codec, mu, std, ds, model_cfg, tcfg, rd.samples / f"teacher_{k:07d}")
+
+        stage = Stage(
+            "teacher", tcfg, state, step, evaluate=evaluate, evaluate_every=tcfg.sample_every, evaluate_at_end=True
+        )
+        run_stage(env, rd, stage, ckpt, train_idx, end_step)
+        if env.is_main:
+            _save_final(rd, copy.deepcopy(ema.model).cpu(), model_cfg, tcfg, codec, text, mu, std, end_step, provenance)
         return rd.path
-    finally:
-        shutdown(env)
 
 
-def _fit(
-    env: DistEnv,
+def _save_final(
     rd: RunDir,
-    state: dict | None,
+    final: CTMDenoiser,
     model_cfg: ModelConfig,
     tcfg: TeacherTrainConfig,
-    ds: ClipDataset,
-    latents: np.ndarray,
-    codec: nn.Module,
+    codec: Codec,
+    text: TextEncoder,
     mu: torch.Tensor,
     std: torch.Tensor,
     end_step: int,
     provenance: dict[str, Any],
 ) -> None:
-    text = TextEncoder(model_cfg.text)
-    table = CaptionTable(text, ds.captions, model_cfg.text.max_length)
-    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    denoiser = CTMDenoiser(
-        DiT(model_cfg.dit, model_cfg.latent_channels, text.hidden_size), model_cfg.edm.sigma_data
-    ).to(env.device)
-    ema = EMA(denoiser, tcfg.ema_decay)
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
-    step = 0
-    if state is not None and "init" in state:  # a new run started from a checkpoint's weights
-        denoiser.load_state_dict(state["init"])
-        ema.load_state_dict(state["init"])
-    elif state is not None:
-        denoiser.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-        if state.get("world") != env.world:
-            logger.warning(
-                "resuming a %s-process run with %d processes: the data order changes",
-                state.get("world"),
-                env.world,
-            )
-    lossmod = wrap_ddp(TeacherLoss(denoiser), env)
-    dev = env.device
-    train_idx = ds.indices("train")
-    has_valid = len(ds.indices("valid")) > 0
-    cap_rows = table.rows(ds.captions)
-    c, T = model_cfg.latent_channels, model_cfg.dit.latent_frames
-    local_b = local_batch_size(tcfg.batch_size, env)
-    logger.info(
-        "teacher %s params, %d training clips, %d captions, %d steps (global batch %d), %d process(es)",
-        f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f} M",
-        len(train_idx),
-        len(table.names) - 1,
-        end_step,
-        tcfg.batch_size,
-        env.world,
+    """final/teacher_ema(_fp16).safetensors (the DiT) and final/teacher_model.safetensors (train.checkpoint)."""
+    meta = {"format": "soundctm-rt-teacher/1", "config": model_cfg.to_dict(), "step": end_step, **provenance}
+    save_safetensors(rd.final / "teacher_ema.safetensors", final.net.state_dict(), meta)
+    save_safetensors(rd.final / "teacher_ema_fp16.safetensors", final.net.state_dict(), meta, dtype=torch.float16)
+    src = ModelSource(
+        model_cfg,
+        final,
+        codec,
+        text,
+        mu,
+        std,
+        {"stage": "teacher", "steps": end_step, "ema_decay": tcfg.ema_decay, **provenance},
     )
-
-    bar = progress_bar(end_step, step, env, "teacher")
-    means = IntervalMeans(step)
-    for k, idx in make_batches(train_idx, tcfg.batch_size, env, tcfg.seed, step, end_step):
-        gen = step_generator(tcfg.seed, k)
-        drop = shard(torch.rand(tcfg.batch_size, generator=gen) < tcfg.caption_dropout, env)
-        sigma = shard(sample_log_normal_sigma(tcfg.batch_size, gen), env)
-        eps = shard(torch.randn(tcfg.batch_size, c, T, generator=gen), env)
-        x0 = normalise(torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)), mu, std)
-        rows = cap_rows[torch.from_numpy(idx)]
-        rows = torch.where(drop, torch.zeros_like(rows), rows)  # caption dropout to "" (row 0)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(k, tcfg.lr, tcfg.warmup, tcfg.steps, tcfg.final_lr_ratio)
-        cond = table.cond(rows)
-        cond = Conditioning(cond.tokens.to(dev), cond.token_mask.to(dev), cond.pooled.to(dev))
-        loss = lossmod(x0.to(dev), sigma.to(dev), eps.to(dev), cond)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), tcfg.grad_clip)
-        opt.step()
-        ema.update(denoiser)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite teacher loss at step {k}")
-        means.add({"loss": loss, "grad_norm": gnorm})
-        bar.update(1)
-        if k % tcfg.log_every == 0 or k == end_step:
-            rec = means.record(k, env)
-            rec.update(lr=opt.param_groups[0]["lr"], clips_per_s=rec["steps_per_s"] * local_b * env.world)
-            rd.log(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        if k % tcfg.ckpt_every == 0 or k == end_step:
-            rd.save_checkpoint(
-                {
-                    "step": k,
-                    "model": denoiser.state_dict(),
-                    "ema": ema.state_dict(),
-                    "opt": opt.state_dict(),
-                    "world": env.world,
-                }
-            )
-        if env.is_main and (k % tcfg.sample_every == 0 or k == end_step):
-            ema_cpu = copy.deepcopy(ema.model).cpu()
-            if has_valid:
-                rd.log({"step": k, "valid_loss": valid_loss(ema_cpu, latents, ds, table, mu, std, tcfg.sample_seed)})
-            write_samples(
-                ema_cpu,
-                text,
-                codec,
-                mu,
-                std,
-                ds,
-                model_cfg,
-                tcfg,
-                rd.samples / f"teacher_{k:07d}",
-            )
-    bar.close()
-    if env.is_main:
-        final = copy.deepcopy(ema.model).cpu()
-        meta = {
-            "format": "soundctm-rt-teacher/1",
-            "config": model_cfg.to_dict(),
-            "step": end_step,
-            **provenance,
-        }
-        save_safetensors(rd.final / "teacher_ema.safetensors", final.net.state_dict(), meta)
-        save_safetensors(rd.final / "teacher_ema_fp16.safetensors", final.net.state_dict(), meta, dtype=torch.float16)
-        src = ModelSource(
-            model_cfg,
-            final,
-            codec,
-            text,
-            mu,
-            std,
-            {"stage": "teacher", "steps": end_step, "ema_decay": tcfg.ema_decay, **provenance},
-        )
-        save_model_checkpoint(rd.final / "teacher_model.safetensors", src, dtype=torch.float32)
+    save_model_checkpoint(rd.final / TEACHER_CHECKPOINT, src, dtype=torch.float32)
 
 
 def _initial_weights(
@@ -389,26 +262,11 @@ def valid_loss(
     return float(edm_loss(lambda x, s: denoiser.D(x, s, cond), x0, sigma, eps, denoiser.sigma_data))
 
 
-def sample_split(ds: ClipDataset) -> str:
-    """The split whose captions and clips the samples take: test, or train when there are no test clips."""
-    return "test" if len(ds.indices("test")) else "train"
-
-
-def sample_prompts(ds: ClipDataset, tcfg: TeacherTrainConfig, k: int = 8) -> list[str]:
-    """The configured prompts, or k distinct captions of the sample split spread over its corpora."""
-    if tcfg.sample_prompts:
-        return list(tcfg.sample_prompts)
-    from .report import pick_examples
-
-    caps = [ds.captions[int(i)] for i in pick_examples(ds, ds.indices(sample_split(ds)), 4 * k)]
-    return list(dict.fromkeys(caps))[:k]
-
-
 @torch.no_grad()
 def generate(
     denoiser: CTMDenoiser,
     text: TextEncoder,
-    codec: nn.Module,
+    codec: Codec,
     mu: torch.Tensor,
     std: torch.Tensor,
     prompts: list[str],
@@ -425,13 +283,13 @@ def generate(
     x_T = e.sigma_max * torch.randn(len(prompts), model_cfg.latent_channels, model_cfg.dit.latent_frames, generator=g)
     sigmas = karras_sigmas(steps, e.sigma_min, e.sigma_max, e.rho)
     x0 = sample_heun(cfg_denoiser(denoiser, cond, uncond, omega), x_T, sigmas)
-    return codec.decode(denormalise(x0, mu, std))
+    return decode_latent(codec, x0, mu, std)
 
 
 def write_samples(
     denoiser: CTMDenoiser,
     text: TextEncoder,
-    codec: nn.Module,
+    codec: Codec,
     mu: torch.Tensor,
     std: torch.Tensor,
     ds: ClipDataset,
@@ -444,7 +302,7 @@ def write_samples(
 
     from .report import save_spectrograms
 
-    prompts = sample_prompts(ds, tcfg)
+    prompts = sample_prompts(ds, tcfg.sample_prompts)
     wav = generate(
         denoiser,
         text,

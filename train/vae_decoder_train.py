@@ -30,53 +30,39 @@ import torch
 from torch import nn
 
 from .data import ClipDataset, check_splits, latent_cache_dir
-from .loop import (
-    DistEnv,
-    IntervalMeans,
-    RunDir,
-    apply_overrides,
-    build_table,
-    configure_logging,
-    init_distributed,
-    local_batch_size,
-    lr_at,
-    progress_bar,
-    save_safetensors,
-    shard,
-    shutdown,
-    step_generator,
-    wrap_ddp,
-)
-from .loop import batches as make_batches
+from .latent import latent_statistics
+from .loop import RunDir, shard, step_generator, wrap_ddp
 from .losses import mel_l1, mr_stft_loss
-from .models.config import ModelConfig, load_toml
 from .models.vae import VAE, pad_context
-from .vae_train import REPORT_SKIPPED, VALIDATION_SKIPPED, _validate, load_vae_run
+from .stage import AdamWStageConfig, Stage, TrainState, distributed_job, run_stage, stage_table
+from .vae_run import (
+    REPORT_SKIPPED,
+    VALIDATION_SKIPPED,
+    finalize_vae,
+    load_vae_run,
+    save_vae,
+    validate_reconstructions,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class VAEDecoderTrainConfig:
+class VAEDecoderTrainConfig(AdamWStageConfig):
     """The [vae_decoder_train] table."""
 
     steps: int = 6000  # optimiser steps (the lr schedule's length)
     batch_size: int = 16  # global batch of crops
-    segment_frames: int = 32  # crop length in latent frames (x latent_hop samples), context excluded
     lr: float = 2e-4  # lower than `train vae`: it starts from a trained decoder
     warmup: int = 100
-    final_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
     betas: tuple[float, float] = (0.8, 0.99)
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    segment_frames: int = 32  # crop length in latent frames (x latent_hop samples), context excluded
     stft_weight: float = 1.0
     mel_weight: float = 1.0
     # Gaussian noise added to the normalised latent z' (METHOD §5 units, std 0.5 = the data's spread): a
     # decoder that sees only exact posterior means may be brittle on a student's slightly-off latents.
     latent_noise: float = 0.0
-    seed: int = 0
-    log_every: int = 25
-    ckpt_every: int = 250
     sample_every: int = 1000
     eval_clips: int = 8
 
@@ -91,10 +77,7 @@ def resolve(
     config: str | Path, data: str | Path, vae: str | Path, **overrides: Any
 ) -> tuple[VAEDecoderTrainConfig, dict]:
     """Stage config (with CLI overrides) and the resolved dictionary saved in the run dir."""
-    doc = load_toml(config)
-    tcfg = apply_overrides(
-        build_table(VAEDecoderTrainConfig, doc.get("vae_decoder_train", {}), "vae_decoder_train"), **overrides
-    )
+    tcfg = stage_table(config, VAEDecoderTrainConfig, "vae_decoder_train", **overrides)
     resolved = {
         "stage": "vae-decoder",
         "config_source": str(config),
@@ -163,9 +146,7 @@ def train_vae_decoder(
     **overrides: Any,
 ) -> Path:
     """Fine-tune (or resume fine-tuning) the decoder of the VAE run `vae`; returns the run directory."""
-    env = init_distributed(threads)
-    configure_logging(env)
-    try:
+    with distributed_job(threads) as env:
         tcfg, resolved = resolve(config, data, vae, **overrides)
         parent, model_cfg, parent_id = load_vae_run(vae)
         ds = ClipDataset(data)
@@ -180,115 +161,63 @@ def train_vae_decoder(
         resolved["parent_vae_id"] = parent_id
         latents = np.load(cache, mmap_mode="r")
         rd = RunDir(run, env)
-        state = rd.start(resolved, resume)
-        _fit(env, rd, state, parent, model_cfg, tcfg, ds, latents, max_steps or tcfg.steps, parent_id)
+        ckpt = rd.start(resolved, resume)
+        end_step = max_steps or tcfg.steps
+
+        model = parent.to(env.device)
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        state = TrainState({"decoder": model.decoder}, tcfg.optimizer(model.decoder.parameters()))
+        lossmod = wrap_ddp(DecoderLoss(model, tcfg), env)
+        vcfg = model_cfg.vae
+        r, c = vcfg.decoder_context, vcfg.latent_channels
+        train_idx = ds.indices("train")
+        seg_samples = tcfg.segment_frames * vcfg.latent_hop
+        # latent noise is drawn in normalised units and scaled back by the training latents' std_c (METHOD §5)
+        std_c = latent_statistics(latents, train_idx)[1].to(env.device)
+        logger.info(
+            "VAE decoder fine-tune: %.2f M trainable params, %d training clips, %d steps (global batch %d, "
+            "%.2f s crops)",
+            sum(p.numel() for p in model.decoder.parameters()) / 1e6,
+            len(train_idx),
+            end_step,
+            tcfg.batch_size,
+            seg_samples / ds.sample_rate,
+        )
+
+        def step(k: int, idx: np.ndarray) -> dict[str, Any]:
+            gen = step_generator(tcfg.seed, k)
+            u = shard(torch.rand(tcfg.batch_size, generator=gen), env)
+            noise = shard(torch.randn(tcfg.batch_size, c, tcfg.segment_frames + 2 * r, generator=gen), env)
+            z, wav = crop_windows(latents, ds, idx, u, tcfg.segment_frames, r, vcfg.latent_hop)
+            z = z.to(env.device)
+            if tcfg.latent_noise > 0:  # z' = 0.5·(z − μ)/std  =>  δz = 2·std·δz'
+                z = z + 2.0 * std_c[None, :, None] * tcfg.latent_noise * noise.to(env.device)
+            loss, parts = lossmod(z, wav.to(env.device))
+            gnorm = tcfg.optimizer_step(state.opt, loss, model.decoder.parameters(), k)
+            return {"loss": loss, **parts, "grad_norm": gnorm}
+
+        def evaluate(k: int) -> None:
+            validate_reconstructions(copy.deepcopy(model).cpu(), ds, rd, k, tcfg.eval_clips)
+
+        throughput = ("audio_s_per_s", seg_samples / ds.sample_rate)
+        stage = Stage("vae-decoder", tcfg, state, step, throughput, evaluate, tcfg.sample_every)
+        run_stage(env, rd, stage, ckpt, train_idx, end_step)
+        if env.is_main:
+            meta = {
+                "format": "soundctm-rt-vae/1",
+                "config": model_cfg.to_dict(),
+                "step": end_step,
+                "parent_vae_id": parent_id,
+            }
+            save_vae(rd, copy.deepcopy(model).cpu(), meta)
         if finalize and env.is_main and (max_steps is None or max_steps >= tcfg.steps):
             finalize_decoder_run(rd.path, Path(vae), ds)
         return rd.path
-    finally:
-        shutdown(env)
-
-
-def _fit(
-    env: DistEnv,
-    rd: RunDir,
-    state: dict | None,
-    vae: VAE,
-    model_cfg: ModelConfig,
-    tcfg: VAEDecoderTrainConfig,
-    ds: ClipDataset,
-    latents: np.ndarray,
-    end_step: int,
-    parent_id: str,
-) -> None:
-    vae = vae.to(env.device)
-    for p in vae.encoder.parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
-    step = 0
-    if state is not None:
-        vae.decoder.load_state_dict(state["decoder"])
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-    lossmod = wrap_ddp(DecoderLoss(vae, tcfg), env)
-    vcfg = model_cfg.vae
-    r = vcfg.decoder_context
-    c = vcfg.latent_channels
-    train_idx = ds.indices("train")
-    local_b = local_batch_size(tcfg.batch_size, env)
-    seg_samples = tcfg.segment_frames * vcfg.latent_hop
-    # latent noise is drawn in normalised units and scaled back by the training latents' std_c (METHOD §5)
-    std_c = _train_latent_std(latents, ds).to(env.device)
-    logger.info(
-        "VAE decoder fine-tune: %.2f M trainable params, %d training clips, %d steps (global batch %d, %.2f s crops)",
-        sum(p.numel() for p in vae.decoder.parameters()) / 1e6,
-        len(train_idx),
-        end_step,
-        tcfg.batch_size,
-        seg_samples / ds.sample_rate,
-    )
-
-    def checkpoint(k: int) -> None:
-        rd.save_checkpoint(
-            {"step": k, "decoder": vae.decoder.state_dict(), "opt": opt.state_dict(), "world": env.world}
-        )
-
-    bar = progress_bar(end_step, step, env, "vae-decoder")
-    means = IntervalMeans(step)
-    for k, idx in make_batches(train_idx, tcfg.batch_size, env, tcfg.seed, step, end_step):
-        gen = step_generator(tcfg.seed, k)
-        u = shard(torch.rand(tcfg.batch_size, generator=gen), env)
-        noise = shard(torch.randn(tcfg.batch_size, c, tcfg.segment_frames + 2 * r, generator=gen), env)
-        z, wav = crop_windows(latents, ds, idx, u, tcfg.segment_frames, r, vcfg.latent_hop)
-        z = z.to(env.device)
-        if tcfg.latent_noise > 0:  # z' = 0.5·(z − μ)/std  =>  δz = 2·std·δz'
-            z = z + 2.0 * std_c[None, :, None] * tcfg.latent_noise * noise.to(env.device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(k, tcfg.lr, tcfg.warmup, tcfg.steps, tcfg.final_lr_ratio)
-        loss, parts = lossmod(z, wav.to(env.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), tcfg.grad_clip)
-        opt.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite decoder loss at step {k}")
-        means.add({"loss": loss, **parts, "grad_norm": gnorm})
-        bar.update(1)
-        if k % tcfg.log_every == 0 or k == end_step:
-            rec = means.record(k, env)
-            rec.update(
-                lr=opt.param_groups[0]["lr"],
-                audio_s_per_s=rec["steps_per_s"] * local_b * env.world * seg_samples / ds.sample_rate,
-            )
-            rd.log(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if k % tcfg.sample_every == 0 and env.is_main:
-            _validate(copy.deepcopy(vae).cpu(), ds, rd, k, tcfg.eval_clips)
-        if k % tcfg.ckpt_every == 0 or k == end_step:
-            checkpoint(k)
-    bar.close()
-    if env.is_main:
-        final = copy.deepcopy(vae).cpu()
-        meta = {
-            "format": "soundctm-rt-vae/1",
-            "config": model_cfg.to_dict(),
-            "step": end_step,
-            "parent_vae_id": parent_id,
-        }
-        save_safetensors(rd.final / "vae.safetensors", final.state_dict(), meta)
-        save_safetensors(rd.final / "vae_fp16.safetensors", final.state_dict(), meta, dtype=torch.float16)
-
-
-def _train_latent_std(latents: np.ndarray, ds: ClipDataset) -> torch.Tensor:
-    """std_c [C] over the training clips' latent frames (as finalize_vae computes it)."""
-    train = np.asarray(latents[ds.indices("train")], dtype=np.float64)
-    return torch.from_numpy(np.maximum(train.std(axis=(0, 2)), 1e-6)).float()
 
 
 def finalize_decoder_run(run: Path, parent: Path, ds: ClipDataset, report: bool = True) -> dict[str, Any]:
     """Share the parent's latent cache and statistics (the encoder is the parent's) and write the report."""
-    from .vae_train import finalize_vae
-
     vae, _, vae_id = load_vae_run(run)
     parent_vae, _, parent_id = load_vae_run(parent)
     for (name, a), b in zip(vae.encoder.state_dict().items(), parent_vae.encoder.state_dict().values(), strict=True):

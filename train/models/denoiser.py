@@ -24,6 +24,9 @@ class Conditioning:
             torch.cat([self.pooled, other.pooled]),
         )
 
+    def to(self, device: str | torch.device) -> Conditioning:
+        return Conditioning(self.tokens.to(device), self.token_mask.to(device), self.pooled.to(device))
+
     def expand(self, b: int) -> Conditioning:
         """Broadcast a batch-1 conditioning to b rows."""
         return Conditioning(self.tokens.expand(b, -1, -1), self.token_mask.expand(b, -1), self.pooled.expand(b, -1))

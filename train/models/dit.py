@@ -36,6 +36,8 @@ def omega_embedding(omega: torch.Tensor, dim: int) -> torch.Tensor:
 class FourierFeatures(nn.Module):
     """Random Fourier features of c_noise, frequencies fixed at construction (EDM's FourierEmbedding)."""
 
+    freqs: torch.Tensor  # [dim / 2]
+
     def __init__(self, dim: int, scale: float = 16.0, seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
@@ -104,6 +106,8 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """The network F_θ: input c_in(t)·x_t [B, C, T] latent frames, output [B, C, T]. Each token holds `patch`
     consecutive frames (all C channels of each), so the sequence has T / patch tokens."""
+
+    pos: torch.Tensor  # [1, tokens, D] sinusoidal positions
 
     def __init__(self, cfg: DiTConfig, latent_channels: int, text_dim: int) -> None:
         super().__init__()

@@ -25,6 +25,13 @@ def _split(n: int) -> tuple[int, int]:
 class InverseRFFT(nn.Module):
     """irfft along the last axis: (re, im) [..., N/2+1] -> [..., N], matching numpy.fft.irfft."""
 
+    c1: torch.Tensor  # buffers: the two DFT stages' cos/sin tables and the twiddles
+    s1: torch.Tensor
+    c2: torch.Tensor
+    s2: torch.Tensor
+    tc: torch.Tensor
+    ts: torch.Tensor
+
     def __init__(self, n: int) -> None:
         super().__init__()
         self.n = n

@@ -66,7 +66,8 @@ class TextEncoder(nn.Module):
             )
         else:
             torch.manual_seed(cfg.seed)
-            bcfg = BertConfig(
+            # attn_implementation: every config's keyword wrapper takes it; BertConfig's signature does not list it
+            bcfg = BertConfig(  # type: ignore[call-arg]
                 vocab_size=30522,
                 hidden_size=cfg.hidden,
                 num_hidden_layers=cfg.layers,

@@ -52,6 +52,8 @@ class ConvNeXt1d(nn.Module):
 class Encoder(nn.Module):
     """Waveform [B, N] -> (mean, logvar) [B, C, N / latent_hop]."""
 
+    window: torch.Tensor  # [n_fft]
+
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -81,6 +83,8 @@ class Encoder(nn.Module):
 
 class DecoderCore(nn.Module):
     """Latent window [B, C, W] -> audio of its central W - 2R frames [B, (W - 2R)·latent_hop] (valid)."""
+
+    window: torch.Tensor  # [n_fft], overlap-add gain folded in
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
