@@ -62,7 +62,7 @@ def cpu(
         )
     except BundleError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
-        raise typer.Exit(2) from None
+        raise typer.Exit(1) from None  # a failure; the checks above exit 2 for a wrong command line
     if profile:
         from ..bundle import Bundle
         from .profile import format_profile, profile_student_step

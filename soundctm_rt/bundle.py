@@ -1,7 +1,8 @@
 """The model bundle: a directory (or a zip of one) with `manifest.json` and the graph files it lists.
 
-This module is the contract between export (writer) and runtime (reader). The reader refuses a schema it does
-not know and any file whose size or sha256 differs from the manifest, naming the file and what to do.
+This module is the contract between export (writer) and runtime (reader); the manifest's shape is typed in
+`manifest.py`. The reader refuses a manifest it cannot use and any file whose size or sha256 differs from the
+manifest, naming the file and what to do. The writer checks its manifest against the same schema.
 """
 
 from __future__ import annotations
@@ -14,35 +15,31 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .manifest import BACKENDS, SCHEMA, SCHEMA_VERSION, BundleError, GraphSpec, Manifest
+
 log = logging.getLogger(__name__)
 
-SCHEMA = "soundctm-rt-bundle"
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-BACKENDS = ("onnxruntime", "openvino")
-
-
-class BundleError(Exception):
-    """A bundle that cannot be used, with what went wrong and what to do about it."""
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """One graph: its file per backend and its I/O contract."""
-
-    name: str
-    files: dict[str, str]  # backend -> path relative to the bundle
-    weights: dict[str, str]  # backend -> shared weights file (relative), if any
-    inputs: list[dict[str, Any]]  # {"name", "shape", "dtype"}; a shape entry is an int or a dim name
-    outputs: list[dict[str, Any]]
-    attrs: dict[str, Any]  # graph-specific facts (steps, sigmas, chunk, ...)
-
-    def input_names(self) -> list[str]:
-        return [i["name"] for i in self.inputs]
+__all__ = [  # the schema's names are re-exported: callers import the bundle contract from here
+    "BACKENDS",
+    "MANIFEST",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "Bundle",
+    "BundleError",
+    "GraphSpec",
+    "Manifest",
+    "bundle_id",
+    "cache_root",
+    "default_bundle_path",
+    "file_table",
+    "resolve_bundle",
+    "sha256_file",
+    "write_manifest",
+]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -69,20 +66,22 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     refs += manifest.get("extra_files", [])
     manifest["files"] = file_table(root, refs)
     path = root / MANIFEST
+    Manifest.from_dict(manifest, f"the manifest written to {path}")  # the reader must accept what export writes
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
 
 
 class Bundle:
-    """A validated bundle on disk. `Bundle.open(path)` checks schema and every file's sha256."""
+    """A validated bundle on disk. `Bundle.open(path)` checks the manifest's shape and every file's sha256.
+
+    `manifest` is the raw JSON (every section, for display); `spec` the typed view of what the runtime reads.
+    """
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
         self.manifest = manifest
-        self.graphs = {
-            name: GraphSpec(name, g["files"], g.get("weights", {}), g["inputs"], g["outputs"], g.get("attrs", {}))
-            for name, g in manifest["graphs"].items()
-        }
+        self.spec = Manifest.from_dict(manifest, str(root / MANIFEST))
+        self.graphs: dict[str, GraphSpec] = self.spec.graphs
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], verify: bool = True) -> Bundle:
@@ -100,37 +99,28 @@ class Bundle:
             manifest = json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath} is not valid JSON ({e}): the bundle is corrupt, re-export it") from e
-        if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-            raise BundleError(f"{mpath} is not a soundctm-rt manifest (schema {manifest.get('schema')!r})")
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(
-                f"{mpath} has schema version {version}, this runtime reads version {SCHEMA_VERSION}: "
-                "upgrade soundctm-rt or re-export the bundle with this version"
-            )
-        for key in ("graphs", "files", "latent", "edm", "guidance", "audio", "text"):
-            if key not in manifest:
-                raise BundleError(f"{mpath} lacks the '{key}' section: the bundle is corrupt, re-export it")
-        _check_latent(manifest["latent"], mpath)
+        except OSError as e:
+            raise BundleError(f"{mpath} cannot be read ({e.strerror}): check its permissions") from e
         bundle = cls(root, manifest)
         bundle.check_files(verify_hash=verify)
         return bundle
 
     def check_files(self, verify_hash: bool = True) -> None:
-        """Every listed file exists with the recorded size and (optionally) sha256."""
-        for rel, meta in self.manifest["files"].items():
+        """Every listed file exists with the recorded size and (optionally) sha256. The manifest's schema makes
+        every file a graph, the tokenizer or the known prompts name part of this list."""
+        for rel, meta in self.spec.files.items():
             p = self.root / rel
             if not p.is_file():
                 raise BundleError(
                     f"bundle file {rel} is missing from {self.root}: copy the whole bundle directory or re-export it"
                 )
             size = p.stat().st_size
-            if size != meta["bytes"]:
+            if size != meta.bytes:
                 raise BundleError(
-                    f"bundle file {rel} is {size} bytes, the manifest says {meta['bytes']}: it is "
+                    f"bundle file {rel} is {size} bytes, the manifest says {meta.bytes}: it is "
                     "truncated or modified; re-copy or re-export the bundle"
                 )
-            if verify_hash and sha256_file(p) != meta["sha256"]:
+            if verify_hash and sha256_file(p) != meta.sha256:
                 raise BundleError(
                     f"bundle file {rel} does not match its sha256 in the manifest: it is corrupt or "
                     "modified; re-copy or re-export the bundle"
@@ -147,32 +137,15 @@ class Bundle:
 
     @property
     def fused_steps(self) -> list[int]:
-        return [int(s) for s in self.manifest.get("fused_steps", [])]
+        return list(self.spec.fused_steps)
 
     @property
     def sample_rate(self) -> int:
-        return int(self.manifest["audio"]["sample_rate"])
+        return self.spec.audio.sample_rate
 
     @property
     def name(self) -> str:
-        return str(self.manifest.get("model", {}).get("name", self.root.name))
-
-
-def _check_latent(lat: Any, mpath: Path) -> None:
-    """The latent section names a kind this runtime decodes, with what that kind needs."""
-    if not isinstance(lat, dict):
-        raise BundleError(f"{mpath}: 'latent' must be an object; the bundle is corrupt, re-export it")
-    kind = lat.get("kind", "vae")
-    need = {"mel": ("channels", "frames", "hop", "mean", "std", "mel"), "vae": ("channels", "frames", "hop")}
-    if kind not in need:
-        raise BundleError(f"{mpath}: latent kind {kind!r} is unknown to this runtime (it reads {sorted(need)})")
-    missing = [k for k in need[kind] if k not in lat]
-    if missing:
-        raise BundleError(f"{mpath}: the {kind} latent lacks {missing}; the bundle is corrupt, re-export it")
-    if kind == "mel":
-        c = lat["channels"]
-        if len(lat["mean"]) != c or len(lat["std"]) != c or lat["mel"].get("n_mels") != c:
-            raise BundleError(f"{mpath}: the mel latent's statistics or bins do not match its {c} channels")
+        return self.spec.model_name or self.root.name
 
 
 def cache_root() -> Path:

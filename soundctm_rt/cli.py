@@ -13,7 +13,8 @@ from .daemon.cli import serve
 
 app = typer.Typer(
     name="soundctm-rt",
-    help="Real-time text-to-sound with SoundCTM: generate, serve over OSC, benchmark, export and train.",
+    help="Real-time text-to-sound with SoundCTM: generate, serve over OSC, benchmark, export and train. "
+    "Exit status: 0 done, 1 failed, 2 wrong command line.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -1,4 +1,8 @@
-"""`soundctm-rt generate` and `soundctm-rt info`: torch-free commands over a bundle."""
+"""`soundctm-rt generate` and `soundctm-rt info`: torch-free commands over a bundle.
+
+Exit codes (README "Exit codes"): 0 done; 1 a failure while doing it (bundle, files, generation); 2 a wrong
+command line, found before any work (typer's own usage errors, and a value or combination the command refuses).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +20,17 @@ import typer
 from .bundle import Bundle, BundleError, resolve_bundle
 
 BACKEND_HELP = "Inference backend: onnxruntime or openvino."
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # click's code for its own usage errors: one code for every wrong command line
 
 
-def _fail(msg: str, code: int = 2) -> typer.Exit:
+def _fail(msg: str, code: int = EXIT_FAILURE) -> typer.Exit:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
+
+
+def _usage(msg: str) -> typer.Exit:
+    return _fail(msg, EXIT_USAGE)
 
 
 def generate(
@@ -70,28 +81,38 @@ def generate(
     """Generate sound from a text prompt and write WAV files."""
     import soundfile as sf
 
+    from .backends import BackendOptions
     from .engine import Engine
 
     if fmt not in ("PCM_16", "PCM_24", "FLOAT"):
-        raise _fail(f"--subtype must be PCM_16, PCM_24 or FLOAT, not {fmt!r}")
+        raise _usage(f"--subtype must be PCM_16, PCM_24 or FLOAT, not {fmt!r}")
     if output.suffix.lower() != ".wav" and not (variations > 1 and (output.is_dir() or output.suffix == "")):
-        raise _fail(f"--output must end in .wav (or be a folder with --variations), got {output}")
+        raise _usage(f"--output must end in .wav (or be a folder with --variations), got {output}")
     if intensity is None and (checkpoint is not None or control != "noise-opt" or strength != 1.0):
-        raise _fail("--control, --control-strength and --checkpoint only apply with --intensity")
+        raise _usage("--control, --control-strength and --checkpoint only apply with --intensity")
     if peak_db is not None and not (math.isfinite(peak_db) and -60.0 <= peak_db <= 0.0):
-        raise _fail(f"--peak-db must be in [-60, 0] dBFS, got {peak_db}")
+        raise _usage(f"--peak-db must be in [-60, 0] dBFS, got {peak_db}")
     if peak_db is not None and intensity is not None:
-        raise _fail("--peak-db would undo --intensity (its curve is in dBFS): use one or the other")
+        raise _usage("--peak-db would undo --intensity (its curve is in dBFS): use one or the other")
+    try:
+        prompt = Engine.check_prompt(prompt)  # the daemon refuses the same prompts with the same words
+        BackendOptions(backend=backend, device=device, threads=threads)
+    except ValueError as e:
+        raise _usage(str(e)) from None
+    paths = _output_paths(output, variations)
+    for why in map(_unwritable, paths):  # before any work: a take must not be lost at the last step
+        if why:
+            raise _fail(why)
     if intensity is not None:  # METHOD §6 control differentiates through the torch student: imported only here
         if bundle is not None or backend != "onnxruntime" or device != "cpu":
-            raise _fail(
+            raise _usage(
                 "--intensity runs the torch checkpoint on the CPU: --bundle, --backend and --device do not apply"
             )
         from .train.control_cli import generate_controlled
 
         generate_controlled(
             prompt,
-            _output_paths(output, variations),
+            paths,
             intensity,
             control,
             checkpoint,
@@ -109,18 +130,26 @@ def generate(
         return
     try:
         eng = Engine(resolve_bundle(bundle), backend=backend, device=device, threads=threads, warmup=False)
+    except (BundleError, OSError, ValueError) as e:
+        raise _fail(str(e)) from None
+    try:
         eng.check_params(steps=steps, gamma=gamma, omega=cfg, nu=nu, duration=duration, seed=seed)
         if seed + variations - 1 > 2**63 - 1:
             raise ValueError("seed + variations exceeds the seed range")
-    except (BundleError, ValueError) as e:
-        raise _fail(str(e)) from None
-    _warn_if_far(eng, prompt)
-    paths = _output_paths(output, variations)
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    except ValueError as e:
+        raise _usage(str(e)) from None
+    _warn_about_prompt(eng, prompt)
+    try:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _fail(f"cannot make the folder {paths[0].parent}: {e.strerror}") from None
     for k, path in enumerate(paths):
-        audio, timing = eng.generate(
-            prompt, seed=seed + k, steps=steps, gamma=gamma, omega=cfg, nu=nu, duration=duration
-        )
+        try:
+            audio, timing = eng.generate(
+                prompt, seed=seed + k, steps=steps, gamma=gamma, omega=cfg, nu=nu, duration=duration
+            )
+        except BundleError as e:
+            raise _fail(str(e)) from None
         gain_db = 0.0
         if peak_db is not None:
             audio, gain_db = _to_peak(audio, peak_db)
@@ -128,7 +157,10 @@ def generate(
                 typer.echo(
                     f"warning: {path} is near silence; --peak-db gain capped at +{MAX_PEAK_GAIN_DB:g} dB", err=True
                 )
-        sf.write(str(path), audio, eng.sample_rate, subtype=fmt)
+        try:
+            sf.write(str(path), audio, eng.sample_rate, subtype=fmt)
+        except (OSError, RuntimeError) as e:  # soundfile reports its own failures as RuntimeError
+            raise _fail(f"cannot write {path}: {e}") from None
         if json_out:
             rec = {"file": str(path), "seed": seed + k, **timing.to_dict()}
             if peak_db is not None:
@@ -140,15 +172,37 @@ def generate(
             )
 
 
-def _warn_if_far(eng: Any, prompt: str) -> None:
-    """Print one warning line when the prompt is far from the bundle's known prompts; advice, never an error."""
+def _warn_about_prompt(eng: Any, prompt: str) -> None:
+    """Print one warning line when the text encoder cuts the prompt or it is far from the bundle's known prompts;
+    advice, never an error."""
     try:
-        far = eng.prompt_warning(prompt)
+        note = eng.prompt_warning(prompt)
     except (BundleError, ValueError, OSError) as e:
         logging.getLogger(__name__).debug("known-prompt check skipped: %s", e)
-        return
-    if far:
-        typer.echo(f"warning: {far}", err=True)
+        note = eng.truncation_warning(prompt)
+    if note:
+        typer.echo(f"warning: {note}", err=True)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a WAV cannot be written at path, or None; found without leaving anything behind."""
+    if path.is_dir():
+        return f"cannot write {path}: it is a folder"
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders that generate would make
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"cannot write {path}: {folder} is a file, not a folder"
+    try:
+        if path.exists():
+            with open(path, "r+b"):  # opened for writing, not truncated
+                pass
+        else:
+            tempfile.TemporaryFile(dir=folder).close()  # access() is not enough: root, read-only mounts, /proc
+    except OSError as e:
+        where = path if path.exists() else folder
+        return f"cannot write {path}: {where} is not writable ({e.strerror or e})"
+    return None
 
 
 MAX_PEAK_GAIN_DB = 60.0  # --peak-db lifts a quiet take, it does not turn numerical silence into noise

@@ -25,6 +25,7 @@ import numpy as np
 from .backends import BackendOptions, Session, open_session
 from .bundle import Bundle, BundleError, bundle_id, cache_root, resolve_bundle
 from .level import soft_limit
+from .limits import MIN_DURATION, clean_prompt
 from .melcode import MelCodeConfig, MelDecoder, denormalise
 from .sampling import draw_noise, karras_sigmas, nu_guided, sample_gamma
 from .text import PromptTokenizer
@@ -187,12 +188,35 @@ class Engine:
         if not 0.0 <= nu <= 20.0:
             raise ValueError(f"nu must be in [0, 20], got {nu}")
         duration = self.max_duration if duration is None else _as_float("duration", duration)
-        if not 0.0 < duration <= self.max_duration + 1e-9:
-            raise ValueError(f"duration must be in (0, {self.max_duration:.3f}] seconds for this model, got {duration}")
+        if not MIN_DURATION <= duration <= self.max_duration + 1e-9:
+            raise ValueError(
+                f"duration must be in [{MIN_DURATION:g}, {self.max_duration:.3f}] seconds for this model, "
+                f"got {duration:g}"
+            )
         seed = _as_int("seed", seed)
         if not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2^63 - 1], got {seed}")
         return {"steps": steps, "gamma": gamma, "omega": omega, "nu": nu, "duration": duration, "seed": seed}
+
+    @staticmethod
+    def check_prompt(prompt: str) -> str:
+        """The prompt as generated (stripped). Raises ValueError with the reason (limits.clean_prompt: the CLI and
+        the daemon refuse the same prompts with the same words)."""
+        return clean_prompt(prompt)
+
+    def truncation_warning(self, prompt: str) -> str | None:
+        """One line saying where the text encoder cuts a prompt longer than its max_length tokens; None if it fits."""
+        enc = self.tokenizer.tok.encode(prompt)
+        if not enc.overflowing:
+            return None
+        read = [end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask, strict=True) if not special]
+        kept = max(read, default=0)
+        rest = prompt[kept:].strip()
+        rest = rest if len(rest) <= 40 else rest[:40] + "..."
+        return (
+            f"prompt cut to the text encoder's {self.tokenizer.max_length} tokens: it reads the first {kept} of "
+            f"{len(prompt)} characters and ignores '{rest}'"
+        )
 
     # Stages -----------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> Conditioning:
@@ -212,16 +236,19 @@ class Engine:
         return cond
 
     def prompt_warning(self, prompt: str) -> str | None:
-        """One line saying that the prompt is far from every caption the model was trained on, naming the
-        nearest ones; None when it is near, or when the bundle lists no known prompts (known_prompts.py)."""
+        """Advice on a prompt in one line, or None: that the text encoder reads only part of it
+        (`truncation_warning`), and that it is far from every caption the model was trained on, naming the nearest
+        ones (known_prompts.py; never when the bundle lists no known prompts). The CLI prints it, the daemon sends
+        it in /soundctm/warn."""
         from .known_prompts import KnownPrompts
 
+        notes = [self.truncation_warning(prompt)]
         if not hasattr(self, "_known"):  # loaded on first use: most callers never ask
             self._known = KnownPrompts.from_bundle(self.bundle)
-        if self._known is None:
-            return None
-        warning = self._known.check(self.encode_prompt(prompt).pooled[0], prompt)
-        return None if warning is None else warning.message
+        if self._known is not None:
+            far = self._known.check(self.encode_prompt(prompt).pooled[0], prompt)
+            notes.append(None if far is None else far.message)
+        return "; ".join(n for n in notes if n) or None
 
     def _jump(
         self, cond: Conditioning, uncond: Conditioning | None, omega: float, nu: float, timing: Timing

@@ -102,7 +102,7 @@ def test_generate_bad_arguments(tiny_bundle, tmp_path, args, msg):
 
 def test_generate_missing_bundle_is_a_clear_error(tmp_path):
     r = run("generate", "x", "-o", tmp_path / "x.wav", "--bundle", tmp_path / "nothing")
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_info(tiny_bundle):

@@ -55,3 +55,36 @@ def test_generate_and_triggers_on_the_jack_clock(jack_daemon) -> None:
     # Counted, not asserted zero here (a shared CI machine can really stall); `bench soak` reports them.
     assert all(isinstance(s[k], int) for k in ("underruns", "starved_callbacks", "starved_frames", "voice_gaps"))
     assert proc.poll() is None
+
+
+def test_audio_server_death_fails_jobs_and_signals_still_stop(tiny_bundle, tmp_path) -> None:
+    """SIGKILL jackd under a running daemon: the dead stream is noticed, every job that would have played gets
+    /fail "audio device lost", /status says so, and SIGTERM stops the process within 2 s (PortAudio cannot
+    close a stream whose server died: it would wait forever)."""
+    import signal
+
+    why = jack_available()
+    if why:
+        pytest.skip(why)
+    with (
+        JackDummy(48000, 256, log_path=tmp_path / "jackd.log") as jack,
+        serve_process(["--bundle", str(tiny_bundle)], env=jack.env()) as (port, proc),
+        OscClient(port) as c,
+    ):
+        c.send("/soundctm/preload", "kick", 1)
+        c.expect("/soundctm/done", 60)
+        assert jack.proc is not None
+        jack.proc.kill()
+        jack.proc.wait()
+        c.send("/soundctm/trigger", "kick")  # before or after the watchdog notices: either way a /fail
+        c.send("/soundctm/generate", "snare", 1, 2)
+        replies = [c.expect(("/soundctm/done", "/soundctm/fail"), 10) for _ in range(2)]
+        assert all(addr == "/soundctm/fail" and "audio device lost" in args[1] for addr, args in replies), replies
+        s = c.status()
+        assert s["mode"] == "device-lost" and s["device_error"], s
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        assert time.monotonic() - t0 < 2.0
+        out = proc.stdout.read() if proc.stdout else ""
+        assert proc.returncode == 1 and "audio device lost" in out and "Traceback" not in out, out

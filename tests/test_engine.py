@@ -119,6 +119,7 @@ def test_duration_trims_with_a_fade(engine):
         ({"duration": 0.0}, "duration"),
         ({"duration": 100.0}, "duration"),
         ({"duration": -1.0}, "duration"),
+        ({"duration": 0.0001}, r"duration must be in \[0\.01, "),  # 4 samples: a click, as the daemon says
         ({"seed": -1}, "seed"),
         ({"seed": 2**70}, r"seed must be in \[0"),
     ],
@@ -136,3 +137,42 @@ def test_pd_style_floats_accepted(tiny_engine):
 def test_fused_request_without_graph_is_refused(tiny_engine):
     with pytest.raises(ValueError, match="no fused graph"):
         tiny_engine.generate("x", steps=3, fused=True)
+
+
+LONG_PROMPT = "a heavy metal door slams shut in a long stone corridor while rain falls and thunder rolls far away"
+
+
+@pytest.mark.parametrize(
+    "prompt", ["", "   ", "a\x07b", "rain\nthunder", "tab\there", "del\x7f", "x" * 10_000, "\ud800"]
+)
+def test_engine_refuses_prompts_as_the_daemon_does(prompt):
+    """One validation: the CLI's (Engine.check_prompt) and the daemon's refusals are the same words."""
+    from soundctm_rt.daemon import addresses as A
+
+    with pytest.raises(ValueError) as engine_refusal:
+        Engine.check_prompt(prompt)
+    with pytest.raises(A.Refusal) as daemon_refusal:
+        A.parse("/soundctm/generate", (prompt,))
+    assert str(engine_refusal.value) == str(daemon_refusal.value)
+
+
+def test_engine_and_daemon_share_the_shortest_duration(tiny_engine):
+    from soundctm_rt.daemon import addresses as A
+    from soundctm_rt.limits import MIN_DURATION
+
+    assert A.DURATION.lo == MIN_DURATION
+    tiny_engine.check_params(duration=MIN_DURATION)
+    with pytest.raises(ValueError, match="duration"):
+        tiny_engine.check_params(duration=MIN_DURATION / 2)
+    with pytest.raises(A.Refusal, match="duration"):
+        A.parse("/soundctm/generate", ("x", 1, 1, 0.0, 1.0, MIN_DURATION / 2))
+
+
+def test_truncation_warning_names_where_the_prompt_is_cut(tiny_engine):
+    max_length = tiny_engine.tokenizer.max_length
+    assert tiny_engine.truncation_warning("a dog barking") is None
+    note = tiny_engine.truncation_warning(LONG_PROMPT)
+    assert note is not None and f"text encoder's {max_length} tokens" in note and "\n" not in note
+    kept = int(note.split("the first ")[1].split(" of ")[0])
+    assert 0 < kept < len(LONG_PROMPT) and "thunder rolls far away" in note  # the tail it does not read
+    assert note in (tiny_engine.prompt_warning(LONG_PROMPT) or "")  # what the CLI prints and /warn carries

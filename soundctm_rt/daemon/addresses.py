@@ -17,8 +17,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..limits import MIN_DURATION, clean_prompt
+
 PREFIX = "/soundctm"
-MAX_PROMPT_CHARS = 512
 
 
 class Refusal(ValueError):
@@ -53,7 +54,7 @@ SEED = Arg("seed", "int", 0, 2**31 - 1, "noise seed; the same prompt, seed and p
 STEPS = Arg("steps", "int", 1, 64, "sampling steps (1 is fastest)")
 GAMMA = Arg("gamma", "float", 0.0, 1.0, "CTM gamma: 0 deterministic, 1 fully stochastic")
 CFG = Arg("cfg", "float", 0.0, 20.0, "guidance strength omega")
-DURATION = Arg("duration", "float", 0.01, 600.0, "seconds; at most the model's clip length")
+DURATION = Arg("duration", "float", MIN_DURATION, 600.0, "seconds; at most the model's clip length")
 GAIN = Arg("gain", "float", 0.0, 4.0, "linear gain")
 PAN = Arg("pan", "float", -1.0, 1.0, "-1 left, 0 centre, 1 right (constant power)")
 TAKES = Arg("takes", "int", 1, 32, "how many takes (seeds 0..takes-1) to cache")
@@ -91,7 +92,13 @@ COMMANDS: dict[str, Command] = {
             prompt=True,
             args=(GAIN, PAN),
         ),
-        Command("stop", "[id]", "Stop one voice (short fade) or all voices.", "/soundctm/ack id", args=(VOICE,)),
+        Command(
+            "stop",
+            "[id]",
+            "Stop one job or voice (queued, generating or playing; a short fade) or all of them.",
+            "/soundctm/ack id (the voice's id; 0 for all), or /soundctm/fail stop 'no such voice...'",
+            args=(VOICE,),
+        ),
         Command(
             "set",
             "key value",
@@ -115,11 +122,14 @@ COMMANDS: dict[str, Command] = {
 REPLIES = {
     "ack": "/soundctm/ack id — the request was accepted; id names the job (and the voice, for /stop)",
     "done": "/soundctm/done id latency_ms rtf audio_seconds total_ms [path] — latency_ms: OSC receipt to the "
-    "DAC time of the voice's first sample (0 for preload/render)",
-    "fail": "/soundctm/fail command reason [id] — refused or failed; id when the job had been acked",
-    "warn": "/soundctm/warn id reason — the prompt of job id is far from every caption the model was trained on "
-    "(reason names the nearest ones); sent before the job's audio and /done by generate, preload, render and a "
-    "trigger that generates, when the bundle lists known prompts; the job still runs",
+    "DAC time of the voice's first sample (0 for preload/render; nan when the clock mapping cannot support the "
+    "figure, counted in /status latencies_flagged)",
+    "fail": "/soundctm/fail command reason [id] — refused or failed; id when the job had been acked. Reasons "
+    "include 'stopped', 'busy' and 'audio device lost' (the output died: every job it would have played fails, "
+    "and later generate/trigger are refused until a restart)",
+    "warn": "/soundctm/warn id reason — the prompt of job id is cut to the text encoder's length (reason says "
+    "where), or is far from every caption the model was trained on (reason names the nearest ones); sent before "
+    "the job's audio and /done by generate, preload, render and a trigger that generates; the job still runs",
     "status.reply": "/soundctm/status.reply key value ... — see docs/osc.md",
     "pong": "/soundctm/pong",
 }
@@ -129,6 +139,11 @@ REPLIES = {
 class Request:
     command: str
     values: dict[str, Any]
+
+
+def fmt_number(x: float) -> str:
+    """A range bound as a person writes it: 2147483647, not 2.14748e+09; 0.25, not 0.250000."""
+    return str(int(x)) if float(x).is_integer() else f"{x:.10g}"
 
 
 def _number(a: Any, spec: Arg) -> int | float:
@@ -144,7 +159,7 @@ def _number(a: Any, spec: Arg) -> int | float:
     else:
         v = x
     if not spec.lo <= v <= spec.hi:
-        raise Refusal(f"{spec.name} {v} out of range [{spec.lo:g}, {spec.hi:g}]")
+        raise Refusal(f"{spec.name} {v} out of range [{fmt_number(spec.lo)}, {fmt_number(spec.hi)}]")
     return v
 
 
@@ -165,18 +180,11 @@ def _split_prompt(args: tuple[Any, ...]) -> tuple[list[str], tuple[Any, ...]]:
 
 
 def _clean_prompt(words: list[str]) -> str:
-    prompt = " ".join(w.strip() for w in words if w.strip())
-    if not prompt:
-        raise Refusal("prompt is empty")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise Refusal(f"prompt too long ({len(prompt)} > {MAX_PROMPT_CHARS} characters)")
-    if any(ord(ch) < 32 for ch in prompt):
-        raise Refusal("prompt contains control characters")
+    """The words as one prompt, refused as the CLI refuses it (limits.clean_prompt)."""
     try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise Refusal("prompt is not valid text") from None
-    return prompt
+        return clean_prompt(" ".join(w.strip() for w in words if w.strip()))
+    except ValueError as e:
+        raise Refusal(str(e)) from None
 
 
 def parse(address: str, args: tuple[Any, ...]) -> Request:
@@ -221,8 +229,8 @@ def markdown() -> str:
         for a in c.args:
             if a.name not in seen:
                 seen.add(a.name)
-                lines.append(f"| `{a.name}` | {a.kind} | {a.lo:g} .. {a.hi:g} | {a.doc} |")
+                lines.append(f"| `{a.name}` | {a.kind} | {fmt_number(a.lo)} .. {fmt_number(a.hi)} | {a.doc} |")
     nu = SET_KEYS["nu"]
-    lines.append(f"| `nu` (set only) | {nu.kind} | {nu.lo:g} .. {nu.hi:g} | {nu.doc} |")
+    lines.append(f"| `nu` (set only) | {nu.kind} | {fmt_number(nu.lo)} .. {fmt_number(nu.hi)} | {nu.doc} |")
     lines += ["", "Replies:", ""] + [f"- `{r}`" for r in REPLIES.values()]
     return "\n".join(lines) + "\n"

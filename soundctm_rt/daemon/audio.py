@@ -34,6 +34,8 @@ class NoAudioDevice(RuntimeError):
     """No usable audio output; the message says what to do instead."""
 
 
+STALL_SECONDS = 1.0  # no callbacks for this long: the device is lost (a callback is due every few ms)
+CLOSE_TIMEOUT = 1.0
 NO_DEVICE_HINT = "no audio output device ({why}); use --output FILE.wav to record, or --no-audio for replies only"
 
 
@@ -58,6 +60,12 @@ class DeviceOutput:
         self.samplerate = samplerate
         self.blocksize = blocksize
         self.offset = 0.0
+        self.sync_error = 0.0  # half the bracket of the last clock sync, seconds
+        self.abandoned = False  # the stream could not be closed (its server died): exit without PortAudio's atexit
+        self.lost_reason: str | None = None  # set once by lost(); a lost stream stays lost
+        self._started = False
+        self._last_callbacks = -1
+        self._last_progress = 0.0
         try:
             if device is None:
                 sd.query_devices(kind="output")
@@ -89,6 +97,8 @@ class DeviceOutput:
         while self.ring.counters()["callbacks"] < 8 and time.monotonic() < deadline:
             time.sleep(self.blocksize / self.samplerate)
         self.sync_clock()
+        self._started = True
+        self._last_progress = time.monotonic()
 
     def sync_clock(self, tries: int = 5) -> float:
         """Re-measure perf_counter - stream clock; returns the bracket width (s) of the kept sample."""
@@ -100,18 +110,58 @@ class DeviceOutput:
             if b - a < best[0]:
                 best = (b - a, (a + b) / 2 - st)
         self.offset = best[1]
+        self.sync_error = best[0] / 2
         return best[0]
 
     def to_perf(self, t_stream: float) -> float:
         return t_stream + self.offset
 
-    def close(self) -> None:
-        """Stop and close the stream, then terminate PortAudio (before anyone stops jackd)."""
-        try:
-            self.stream.stop()
-            self.stream.close()
-        finally:
-            self.sd._terminate()
+    def lost(self, stall_seconds: float = STALL_SECONDS) -> str | None:
+        """Why the stream is dead, or None while it runs. Cheap: call it often (the daemon's watchdog does).
+
+        Two signs, because servers die differently: PortAudio marks the stream inactive when its host API
+        shuts it down (JACK's shutdown callback), and a stream whose callbacks stop for `stall_seconds` is
+        dead whatever the host API says (a frozen server keeps the stream "active").
+        """
+        if self.lost_reason is not None or not self._started:
+            return self.lost_reason
+        n = self.ring.counters()["callbacks"]
+        now = time.monotonic()
+        if not self.stream.active:
+            self.lost_reason = "the audio stream stopped (audio server or device gone)"
+        elif n != self._last_callbacks:
+            self._last_callbacks = n
+            self._last_progress = now
+        elif now - self._last_progress > stall_seconds:
+            self.lost_reason = f"no audio callbacks for {now - self._last_progress:.1f} s (audio server stalled)"
+        return self.lost_reason
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Stop and close the stream, then terminate PortAudio (before anyone stops jackd).
+
+        A stream whose server died cannot be stopped: Pa_StopStream, Pa_AbortStream and Pa_CloseStream wait
+        forever for it (JACK), and Pa_Terminate then fails an assertion. So a lost stream is not touched, a
+        close that does not return in `timeout` is given up, and either way `abandoned` is set: the process
+        must then leave with os._exit, skipping sounddevice's atexit Pa_Terminate.
+        """
+        if self.lost(stall_seconds=float("inf")) is not None:  # a stall already seen counts
+            self.abandoned = True
+            log.warning("audio stream lost: not closing it")
+            return
+
+        def _close() -> None:
+            try:
+                self.stream.stop()
+                self.stream.close()
+            finally:
+                self.sd._terminate()
+
+        t = threading.Thread(target=_close, name="soundctm-audio-close", daemon=True)
+        t.start()
+        t.join(timeout)
+        if t.is_alive():
+            self.abandoned = True
+            log.warning("the audio stream did not close within %.1f s: leaving it", timeout)
 
 
 class ClockedSink:
@@ -161,11 +211,17 @@ class ClockedSink:
         self._thread = threading.Thread(target=self._run, name="soundctm-clock", daemon=True)
         self._thread.start()
 
+    sync_error = 0.0
+    abandoned = False
+
     def sync_clock(self, tries: int = 5) -> float:
         return 0.0
 
     def to_perf(self, t: float) -> float:
         return t
+
+    def lost(self, stall_seconds: float = STALL_SECONDS) -> str | None:
+        return None  # a software clock cannot die
 
     def close(self) -> None:
         self._stop.set()

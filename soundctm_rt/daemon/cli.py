@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,14 +14,17 @@ import typer
 log = logging.getLogger(__name__)
 
 
-def _err(msg: str) -> typer.Exit:
+def _err(msg: str, code: int = 2) -> typer.Exit:
+    """An error line; code 2 for a wrong command line, 1 for a failure while starting (README "Exit codes")."""
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    return typer.Exit(2)
+    return typer.Exit(code)
 
 
 def serve(
     bundle: Path | None = typer.Option(None, help="Bundle directory or zip (default: the shipped model)."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind; wider than loopback needs --allow."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind, IPv4 or IPv6 (e.g. ::1); wider than loopback needs --allow."
+    ),
     port: int = typer.Option(9000, min=0, max=65535, help="UDP port for OSC (0: any free port)."),
     reply_host: str | None = typer.Option(
         None, help="Also send every reply here (default 127.0.0.1 with --reply-port)."
@@ -45,29 +49,43 @@ def serve(
         [], "--allow", help="Client address or network allowed (repeatable); required to serve beyond loopback."
     ),
     render_dir: Path | None = typer.Option(None, help="Folder /soundctm/render may write into (off without it)."),
+    cache_mb: int = typer.Option(
+        512, min=1, max=1 << 20, help="Take cache for /preload and /trigger, MiB (least recently used prompts go)."
+    ),
     backend: str = typer.Option("onnxruntime", help="Inference backend: onnxruntime or openvino."),
     engine_device: str = typer.Option("cpu", help="Inference device: cpu, gpu or npu (where the backend has it)."),
     threads: int | None = typer.Option(None, min=1, help="Intra-op threads (default: cores - 1 with audio)."),
 ) -> None:
     """Serve prompts over OSC: /soundctm/generate 'gritty 808 snare' 7 plays it (see docs/osc.md)."""
     import ipaddress
-    import socket
 
     from ..bundle import BundleError, resolve_bundle
     from .audio import NoAudioDevice
-    from .server import Daemon, DaemonConfig, open_output
+    from .server import BindError, Daemon, DaemonConfig, bind_socket, client_address, open_output
 
     if sum([device is not None, output is not None, no_audio]) > 1:
         raise _err("choose one of --device, --output and --no-audio")
     if output is not None and output.suffix.lower() != ".wav":
         raise _err(f"--output must end in .wav, got {output}")
     try:
-        bound = ipaddress.ip_address(socket.gethostbyname(host))
-        for a in allow:
-            ipaddress.ip_network(a, strict=False)
-    except (OSError, ValueError) as e:
-        raise _err(f"bad --host or --allow: {e}") from None
-    if not bound.is_loopback and not allow:
+        nets = [ipaddress.ip_network(a, strict=False) for a in allow]
+    except ValueError as e:
+        raise _err(f"bad --allow: {e}") from None
+    for n in nets:
+        if n.prefixlen == 0:
+            typer.secho(
+                f"warning: --allow {n} lets every address on the internet play sound and write renders here; "
+                "name your clients' addresses or networks instead",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
+    try:
+        # Bound first, before the audio device and the model (seconds): a busy port is reported at once.
+        sock = bind_socket(host, port)
+    except BindError as e:
+        raise _err(str(e), 1) from None
+    if not client_address(sock.getsockname()[0]).is_loopback and not allow:
+        sock.close()
         raise _err(f"binding to {host} exposes the daemon: add --allow ADDR for each client (or bind 127.0.0.1)")
     dev: str | int | None = int(device) if device is not None and device.isdigit() else device
     cfg = DaemonConfig(
@@ -85,26 +103,33 @@ def serve(
         output=output,
         no_audio=no_audio,
         render_dir=render_dir,
+        cache_mb=cache_mb,
     )
     if render_dir is not None:
-        render_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            render_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            sock.close()
+            raise _err(f"cannot create --render-dir {render_dir}: {e.strerror or e}", 1) from None
     # A short GIL switch interval: the audio callback thread waits at most this long for the interpreter.
     sys.setswitchinterval(0.001)
     try:
         out = open_output(cfg)  # opens the device first: a missing one is reported before the model loads
     except NoAudioDevice as e:
-        raise _err(str(e)) from None
+        sock.close()
+        raise _err(str(e), 1) from None
     from ..engine import Engine
 
     try:
         engine = Engine(
             resolve_bundle(bundle), backend=backend, device=engine_device, threads=threads, audio_active=out is not None
         )
-        daemon = Daemon(engine, cfg, out)
+        daemon = Daemon(engine, cfg, out, sock)
     except (BundleError, OSError, ValueError) as e:
         if out is not None:
             out.close()
-        raise _err(str(e)) from None
+        sock.close()
+        raise _err(str(e), 1) from None
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: object) -> None:
@@ -122,3 +147,14 @@ def serve(
     finally:
         daemon.stop()
         log.info("stopped")
+    if daemon.device_lost is not None:
+        typer.secho(f"error: audio device lost: {daemon.device_lost}", fg=typer.colors.RED, err=True)
+    if daemon.abandoned_output:
+        # PortAudio cannot close a stream whose server died, and its atexit Pa_Terminate would hang or abort:
+        # leave without running exit handlers (everything of ours is already flushed and closed).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    if daemon.device_lost is not None:
+        raise typer.Exit(1)

@@ -23,6 +23,7 @@ from .ring import Ring
 log = logging.getLogger(__name__)
 
 FADE_SECONDS = 0.005  # fade applied on /stop, so a cut voice does not click
+LATENCY_TOLERANCE_S = 0.001  # clock-sync error allowed before a first-sample time is called impossible
 
 
 @njit(cache=True, nogil=True)  # pure function of its own arrays: let the audio thread have the GIL
@@ -129,6 +130,7 @@ class Voice:
         self.stopped = False  # /stop: fade out, and the worker stops generating
         self.fade_left = -1
         self.start_pos = -1  # absolute ring frame of the first sample
+        self.t_mixed = 0.0  # perf_counter time the first sample was written to the ring
         self.samples = 0  # frames played
         self.gaps = 0  # blocks where a streaming voice had nothing ready (generation slower than real time)
 
@@ -201,6 +203,8 @@ class Mixer:
         self.fade_frames = max(1, int(FADE_SECONDS * samplerate))
         self.voice_gaps = 0
         self.peak_voices = 0
+        self.latencies_flagged = 0  # first-sample times the clock mapping cannot support (published as nan)
+        self.latency_flag_reason = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -253,6 +257,7 @@ class Mixer:
                 v.fade_left -= f
             if v.start_pos < 0:
                 v.start_pos = self.ring.write_pos
+                v.t_mixed = time.perf_counter()
                 self.pending.append(v)
             v.samples += k
             if stereo:
@@ -278,13 +283,36 @@ class Mixer:
                 else:
                     keep.append(v)
                 continue
-            latency_ms = (self.to_perf(dac) - v.t_receipt) * 1000.0
+            latency_ms = self.latency_of(v, self.to_perf(dac))
             if self.on_started is not None:
                 try:
                     self.on_started(v, latency_ms)
                 except Exception:
                     log.exception("on_started failed for voice %d", v.id)
         self.pending = keep
+
+    def latency_of(self, v: Voice, t_dac: float) -> float:
+        """Receipt-to-DAC milliseconds of a voice's first sample, or nan when the clock mapping cannot support it.
+
+        A sample cannot reach the DAC before the mixer wrote it into the ring, so a DAC time (mapped to
+        perf_counter) earlier than the write is the mapping's error, not a latency: e.g. a non-realtime JACK
+        whose late cycles report DAC times in the past. Such a figure is counted and flagged, never published.
+        """
+        if t_dac < v.t_mixed - LATENCY_TOLERANCE_S:
+            self.latencies_flagged += 1
+            self.latency_flag_reason = (
+                f"DAC time {1e3 * (v.t_mixed - t_dac):.2f} ms before the sample was mixed: clock mapping error"
+            )
+            return math.nan
+        return (t_dac - v.t_receipt) * 1000.0
+
+    def drop_all(self) -> list[Voice]:
+        """Every voice, queued, playing or waiting for its DAC time, taken out (call after stop())."""
+        out = list(self.inbox) + self.voices + [v for v in self.pending if v not in self.voices]
+        self.inbox.clear()
+        self.voices = []
+        self.pending = []
+        return out
 
     def due(self) -> float | None:
         """Just-in-time mode (lead < one block): perf_counter time by which the next block must be published;

@@ -14,6 +14,7 @@ enqueue; they never run inference; every problem ends in `/soundctm/fail <comman
 from __future__ import annotations
 
 import collections
+import errno
 import gc
 import ipaddress
 import logging
@@ -23,7 +24,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -31,11 +32,18 @@ import numpy as np
 from . import addresses as A
 from .gcwatch import GCWatch, freeze_startup_heap
 from .osc import MAX_DATAGRAM, OscError, decode_packet, encode_message, peek_address
-from .worker import Job, TakeCache, Worker
+from .render import RenderError, check_name
+from .worker import LOST, PLAYING, Job, TakeCache, Worker
 
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 65536
+# A datagram's replies are capped (bytes) so the daemon cannot be used as an amplifier: a bundle of 292 /status
+# messages (8 KiB) once drew 110 KiB of replies.
+REPLY_BUDGET_MIN = 4096
+REPLY_BUDGET_FACTOR = 4
+MAX_LOGGED_SOURCES = 1024  # refused sources logged once each, up to this many (then only counted)
+WATCH_PERIOD = 0.1  # seconds between device-watchdog looks
 SO_RCVBUF_BYTES = 4 << 20
 
 
@@ -57,14 +65,53 @@ class DaemonConfig:
     output: Path | None = None
     no_audio: bool = False
     render_dir: Path | None = None
+    cache_mb: int = 512  # the take cache's bound (preload/trigger takes at the device rate)
 
 
-def _allowed_networks(host: str, allow: list[str]) -> list[Any] | None:
+class BindError(OSError):
+    """The OSC port could not be bound; the message says what to do."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The daemon's UDP socket, bound to host:port (IPv4 or IPv6, whichever `host` resolves to first).
+
+    Bound before the model loads (seconds): a busy port is reported at once, with the fix.
+    """
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise BindError(f"cannot resolve --host {host!r}: {e}") from None
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SO_RCVBUF_BYTES)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise BindError(
+                f"UDP port {port} on {host} is already in use (another soundctm-rt serve?): "
+                "stop that one or choose another port with --port"
+            ) from None
+        raise BindError(f"cannot bind {host} port {port}: {e.strerror or e}") from None
+    return sock
+
+
+LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+
+
+def client_address(host: str) -> Any:
+    """The client's IP address; an IPv4 client seen through an IPv6 socket (::ffff:a.b.c.d) as IPv4."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped if mapped is not None else ip
+
+
+def _allowed_networks(bound: str, allow: list[str]) -> list[Any] | None:
     """None: any client (loopback bind); else the networks allowed (loopback always is)."""
     nets = [ipaddress.ip_network(a, strict=False) for a in allow]
-    if not nets and ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
+    if not nets and client_address(bound).is_loopback:
         return None
-    return [*nets, ipaddress.ip_network("127.0.0.0/8")]
+    return [*nets, *LOOPBACK]
 
 
 class Daemon:
@@ -77,17 +124,18 @@ class Daemon:
             normally built by `open_output`.
     """
 
-    def __init__(self, engine: Any, config: DaemonConfig, output: Any = None) -> None:
+    def __init__(
+        self, engine: Any, config: DaemonConfig, output: Any = None, sock: socket.socket | None = None
+    ) -> None:
         from .mixer import Mixer
         from .ring import Ring
 
         self.engine = engine
         self.cfg = config
         self.output = output
-        self.allowed = _allowed_networks(config.host, config.allow)
         self.defaults: dict[str, Any] = {}
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=config.max_queue)
-        self.cache = TakeCache()
+        self.cache = TakeCache(config.cache_mb << 20)
         self.ring: Ring | None = None
         self.mixer: Mixer | None = None
         if output is not None:
@@ -97,24 +145,31 @@ class Daemon:
         self.worker = Worker(engine, self.jobs, self.mixer, config.samplerate, self.cache, self.reply)
         if self.mixer is not None:
             self.mixer.on_started = self.worker.on_started
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SO_RCVBUF_BYTES)
-        self.sock.bind((config.host, config.port))
+        if config.render_dir is not None:
+            config.render_dir.mkdir(parents=True, exist_ok=True)  # renders open it by descriptor (render.py)
+        self.sock = sock if sock is not None else bind_socket(config.host, config.port)
         self.sock.settimeout(0.1)
         self.address = self.sock.getsockname()
-        self.reply_to = (config.reply_host or "127.0.0.1", config.reply_port) if config.reply_port else None
+        self.allowed = _allowed_networks(self.address[0], config.allow)
+        self.disallowed_sources: set[str] = set()  # sources already logged once (bounded)
+        loopback = "::1" if self.sock.family == socket.AF_INET6 else "127.0.0.1"
+        self.reply_to = (config.reply_host or loopback, config.reply_port) if config.reply_port else None
         self.next_id = 1
         self.counters: collections.Counter[str] = collections.Counter()
         self.started_at = time.monotonic()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.gc = GCWatch()
+        self._tl = threading.local()  # per thread: reply bytes spent on the datagram being handled
+        self.device_lost: str | None = None  # why the audio output died (watchdog), None while it plays
 
     # --- replies ---
     def reply(self, client: tuple[str, int] | None, address: str, *args: Any) -> None:
         """Send to the client and to the reply port, if set (scsynth style)."""
         data = encode_message(address, *args)
         targets = {t for t in (client, self.reply_to) if t is not None and t[1]}
+        if getattr(self._tl, "reply_bytes", None) is not None:  # the OSC thread, answering one datagram
+            self._tl.reply_bytes += len(data) * len(targets)
         for t in targets:
             try:
                 self.sock.sendto(data, t)
@@ -139,14 +194,28 @@ class Daemon:
             name = (peek_address(data) or "packet").rsplit("/", 1)[-1][:40]
             self._fail(client, name, f"malformed OSC: {e}")
             return
-        for m in messages:
-            try:
-                self.handle_message(m.address, m.args, client, t_receipt)
-            except A.Refusal as e:
-                self._fail(client, m.address.rsplit("/", 1)[-1][:40], str(e))
-            except Exception as e:  # a bug must not take the OSC thread down
-                log.exception("handler failed on %s", m.address)
-                self._fail(client, m.address.rsplit("/", 1)[-1][:40], f"internal error: {type(e).__name__}")
+        budget = max(REPLY_BUDGET_MIN, REPLY_BUDGET_FACTOR * len(data))
+        self._tl.reply_bytes = 0
+        try:
+            for i, m in enumerate(messages):
+                if self._tl.reply_bytes >= budget:
+                    left = len(messages) - i
+                    self._fail(
+                        client,
+                        "packet",
+                        f"{left} of {len(messages)} messages not run: replies to one datagram are capped at "
+                        f"{budget} bytes ({REPLY_BUDGET_FACTOR}x its size); send fewer per bundle",
+                    )
+                    return
+                try:
+                    self.handle_message(m.address, m.args, client, t_receipt)
+                except A.Refusal as e:
+                    self._fail(client, m.address.rsplit("/", 1)[-1][:40], str(e))
+                except Exception as e:  # a bug must not take the OSC thread down
+                    log.exception("handler failed on %s", m.address)
+                    self._fail(client, m.address.rsplit("/", 1)[-1][:40], f"internal error: {type(e).__name__}")
+        finally:
+            self._tl.reply_bytes = None
 
     def _engine_params(self, v: dict[str, Any]) -> dict[str, Any]:
         d = self.defaults
@@ -163,19 +232,16 @@ class Daemon:
         except ValueError as e:
             raise A.Refusal(str(e)) from None
 
-    def _render_path(self, filename: str) -> Path:
+    def _render_target(self, filename: str) -> tuple[Path, PurePosixPath]:
+        """(render folder, relative name), checked before any work (render.check_name); raises Refusal."""
         root = self.cfg.render_dir
         if root is None:
             raise A.Refusal("render is off: start the daemon with --render-dir DIR")
-        if "\x00" in filename or filename.startswith(("/", "\\")) or ".." in Path(filename).parts:
-            raise A.Refusal("file name must be relative, inside the render folder")
-        if not filename.lower().endswith(".wav"):
-            raise A.Refusal("file name must end in .wav")
-        root = root.resolve()
-        path = (root / filename).resolve()
-        if not path.is_relative_to(root) or path == root:
-            raise A.Refusal("file name must stay inside the render folder")
-        return path
+        root = root.resolve()  # the operator's folder (a link there is theirs); nothing below it is followed
+        try:
+            return root, check_name(filename, root)
+        except RenderError as e:
+            raise A.Refusal(str(e)) from None
 
     def _new_id(self) -> int:
         i = self.next_id
@@ -207,20 +273,25 @@ class Daemon:
             self.reply(client, "/soundctm/ack", self._new_id())
         elif c == "stop":
             vid = int(v.get("id", 0))
+            if vid and not self._is_live(vid):
+                raise A.Refusal(f"no such voice: {vid} is not queued, generating or playing")
             if self.mixer is not None:
                 self.mixer.stop_voice(vid)
-            cur = self.worker.current
-            if cur is not None and (vid == 0 or cur.id == vid):
-                cur.cancelled = True
+            for job in self._live_jobs():
+                if vid == 0 or job.id == vid:
+                    job.cancelled = True  # the worker ends it with /fail ... stopped
             if vid == 0:
                 self._drain_queue()
-            self.reply(client, "/soundctm/ack", self._new_id())
+            self.reply(client, "/soundctm/ack", vid)  # the voice's id (0: all), not a fresh one
         elif c in ("generate", "trigger", "preload", "render"):
+            if c in PLAYING and self.device_lost is not None:
+                raise A.Refusal(f"{LOST}: {self.device_lost}; restart the daemon")
             gain = v.get("gain", self.defaults.get("gain", 1.0))
             pan = v.get("pan", self.defaults.get("pan", 0.0))
             job = Job(self._new_id(), c, t_receipt, client, v["prompt"], gain=gain, pan=pan)
             if c == "render":
-                job.path = self._render_path(v["filename"])
+                job.render_root, job.render_name = self._render_target(v["filename"])
+                job.path = job.render_root / job.render_name
             if c == "trigger":
                 take = self.cache.next(v["prompt"])
                 if take is not None:
@@ -230,6 +301,22 @@ class Daemon:
             job.params = self._engine_params(v)
             job.takes = int(v.get("takes", 1))
             self._enqueue(job)
+
+    def _live_jobs(self) -> list[Job]:
+        """The jobs waiting in the queue and the one generating (a snapshot)."""
+        with self.jobs.mutex:
+            queued = list(self.jobs.queue)
+        cur = self.worker.current
+        return queued + ([cur] if cur is not None else [])
+
+    def _is_live(self, vid: int) -> bool:
+        """Whether /stop id has something to stop: a queued or generating job, or a voice still sounding."""
+        if any(job.id == vid for job in self._live_jobs()):
+            return True
+        if self.mixer is None:
+            return False
+        voices = [*list(self.mixer.inbox), *list(self.mixer.voices)]  # copies: the mixer thread owns them
+        return any(voice.id == vid and not voice.done for voice in voices)
 
     def _check_defaults(self, d: dict[str, Any]) -> None:
         p = {
@@ -245,13 +332,40 @@ class Daemon:
         except ValueError as e:
             raise A.Refusal(str(e)) from None
 
-    def _drain_queue(self) -> None:
+    def _drain_queue(self, reason: str = "stopped", only: tuple[str, ...] | None = None) -> None:
+        """Fail every queued job (or those whose command is in `only`; the others go back in order)."""
+        keep = []
         while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
-                return
-            self.worker.fail(job, "stopped")
+                break
+            if only is None or job.command in only:
+                self.worker.fail(job, reason)
+            else:
+                keep.append(job)
+        for job in keep:
+            self.jobs.put_nowait(job)  # fewer than were taken out: cannot be full
+
+    def on_device_lost(self, reason: str) -> None:
+        """The audio output died: every job it would have played gets /fail "audio device lost", at once.
+
+        Renders and preloads do not need the device and go on; new generates and triggers are refused.
+        """
+        log.error("audio device lost: %s", reason)
+        self.device_lost = reason
+        self.worker.device_lost = reason
+        if self.mixer is not None:
+            self.mixer.stop()
+            for v in self.mixer.drop_all():
+                job = getattr(v, "job", None)
+                if job is not None:
+                    self.worker.fail(job, LOST)
+        cur = self.worker.current
+        if cur is not None and cur.command in PLAYING:
+            cur.cancel_reason = LOST
+            cur.cancelled = True
+        self._drain_queue(LOST, only=PLAYING)
 
     def status(self) -> dict[str, Any]:
         """State and counters (also the /status reply, flattened to key value pairs)."""
@@ -260,11 +374,10 @@ class Daemon:
         def pct(q: float) -> float:
             return float(lat[min(len(lat) - 1, math.ceil(q * len(lat)) - 1)]) if lat else -1.0
 
-        prompts, takes, _cache_bytes = self.cache.stats()
+        prompts, takes, cache_bytes = self.cache.stats()
+        mode = "no-audio" if self.output is None else ("file" if self.cfg.output is not None else "audio")
         s: dict[str, Any] = {
-            "mode": "audio"
-            if self.output is not None and self.cfg.output is None
-            else ("file" if self.output is not None else "no-audio"),
+            "mode": "device-lost" if self.device_lost is not None else mode,
             "samplerate": self.cfg.samplerate,
             "blocksize": self.cfg.blocksize,
             "queue": self.jobs.qsize(),
@@ -273,9 +386,12 @@ class Daemon:
             "completed": self.worker.completed,
             "failed": self.worker.failed,
             "refused": self.counters["refused"],
+            "disallowed": self.counters["disallowed"],
             "datagrams": self.counters["datagrams"],
             "cached_prompts": prompts,
             "cached_takes": takes,
+            "cache_mb": round(cache_bytes / (1 << 20), 3),
+            "cache_mb_limit": self.cfg.cache_mb,
             "latency_last_ms": float(self.worker.latencies[-1]) if self.worker.latencies else -1.0,
             "latency_p50_ms": pct(0.5),
             "latency_p99_ms": pct(0.99),
@@ -285,6 +401,12 @@ class Daemon:
             s.update(self.ring.counters())
         if self.mixer is not None:
             s["voice_gaps"] = self.mixer.voice_gaps
+            s["latencies_flagged"] = self.mixer.latencies_flagged
+            s["latency_flag_reason"] = self.mixer.latency_flag_reason
+        if self.output is not None:
+            s["clock_sync_error_ms"] = round(1e3 * float(self.output.sync_error), 4)
+        if self.device_lost is not None:
+            s["device_error"] = self.device_lost
         s.update(self.gc.counters())
         return s
 
@@ -306,19 +428,41 @@ class Daemon:
                 log.warning("recvfrom failed: %s", e)
                 continue
             t = time.perf_counter()
-            if self.allowed is not None and not any(ipaddress.ip_address(client[0]) in n for n in self.allowed):
-                self.counters["disallowed"] += 1
+            if self.allowed is not None and not self._is_allowed(client[0]):
                 continue  # never answer strangers
             try:
                 self.handle_datagram(data, client, t)
             except Exception:
                 log.exception("datagram from %s", client)
 
+    def _is_allowed(self, host: str) -> bool:
+        """Whether --allow admits this source; a refused one is counted, and logged the first time it is seen."""
+        assert self.allowed is not None
+        ip = client_address(host)
+        if any(ip.version == n.version and ip in n for n in self.allowed):
+            return True
+        self.counters["disallowed"] += 1
+        if host not in self.disallowed_sources and len(self.disallowed_sources) < MAX_LOGGED_SOURCES:
+            self.disallowed_sources.add(host)
+            log.warning("dropping datagrams from %s: not in --allow (counted as 'disallowed' in /status)", host)
+        return False
+
     def _clock_loop(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(1.0) and self.device_lost is None:
             try:
                 self.output.sync_clock()
             except Exception:  # the stream may be closing
+                return
+
+    def _watch_loop(self) -> None:
+        """The device watchdog: a dead stream is noticed within ~WATCH_PERIOD (or its stall time)."""
+        while not self._stop.wait(WATCH_PERIOD):
+            try:
+                reason = self.output.lost()
+            except Exception as e:  # asking a dying stream can fail too: that is the answer
+                reason = f"the audio stream failed: {e}"
+            if reason is not None:
+                self.on_device_lost(reason)
                 return
 
     # --- lifecycle ---
@@ -340,9 +484,10 @@ class Daemon:
             self.mixer.step()  # publish the first lead of silence before the stream starts
             self.mixer.start()
             self.output.start()
-            t = threading.Thread(target=self._clock_loop, name="soundctm-clock-sync", daemon=True)
-            t.start()
-            self._threads.append(t)
+            for target, name in ((self._clock_loop, "soundctm-clock-sync"), (self._watch_loop, "soundctm-watchdog")):
+                t = threading.Thread(target=target, name=name, daemon=True)
+                t.start()
+                self._threads.append(t)
         t = threading.Thread(target=self._osc_loop, name="soundctm-osc", daemon=True)
         t.start()
         self._threads.append(t)
@@ -354,9 +499,11 @@ class Daemon:
         self._stop.set()
         self.gc.uninstall()
         gc.unfreeze()  # hand the start-up objects back to the collector (matters when embedded, e.g. in tests)
+        # One deadline for every join: a stuck thread (they are all daemon threads) costs its share, not more.
+        deadline = time.monotonic() + 0.6
         for t in self._threads:
-            t.join(timeout=0.5)
-        self.worker.stop(timeout=0.5)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.worker.stop(timeout=max(0.05, deadline - time.monotonic()))
         if self.mixer is not None:
             self.mixer.stop()
         if self.output is not None:
@@ -365,6 +512,11 @@ class Daemon:
             except Exception:
                 log.exception("closing the audio output")
         self.sock.close()
+
+    @property
+    def abandoned_output(self) -> bool:
+        """True when the audio stream could not be closed: leave the process with os._exit (audio.close)."""
+        return bool(getattr(self.output, "abandoned", False))
 
 
 def open_output(config: DaemonConfig) -> Any:

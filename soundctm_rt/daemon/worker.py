@@ -12,16 +12,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from ..sampling import Stopped as SamplingStopped
 from .mixer import Mixer, StreamResampler, Voice, resample
+from .render import RenderError, write_wav
 
 log = logging.getLogger(__name__)
 
 Reply = Callable[..., None]  # reply(client, address, *args)
+LOST = "audio device lost"  # the /fail reason of every job the dead device would have played
 MAX_WARN_CHARS = 1000  # a /warn reason names a long prompt and three captions; a datagram stays well under 8 KiB
 
 
@@ -38,8 +41,11 @@ class Job:
     gain: float = 1.0
     pan: float = 0.0
     takes: int = 1
-    path: Path | None = None  # render target, already checked to lie inside --render-dir
+    path: Path | None = None  # render target as reported in /done: render_root / render_name
+    render_root: Path | None = None
+    render_name: PurePosixPath | None = None  # checked on arrival (render.check_name), confined again at write
     cancelled: bool = False
+    cancel_reason: str = "stopped"  # the /fail reason when cancelled: "stopped", "audio device lost"
     # completion: /done needs both the first-sample latency (mixer) and the timing (worker)
     latency_ms: float | None = None
     timing: dict[str, Any] | None = None
@@ -84,6 +90,9 @@ class TakeCache:
             return len(self._takes), sum(len(t) for t in self._takes.values()), self._bytes
 
 
+PLAYING = ("generate", "trigger")  # the jobs that need the audio device
+
+
 class Worker:
     """Runs jobs on the engine, one at a time, in order.
 
@@ -109,11 +118,17 @@ class Worker:
         self.completed = 0
         self.failed = 0
         self.latencies: collections.deque[float] = collections.deque(maxlen=1000)
+        self.device_lost: str | None = None  # set by the daemon's watchdog: no job may play any more
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- replies ---
     def fail(self, job: Job, reason: str) -> None:
+        """Send /fail for the job, once: a job that already got /done or /fail is left alone."""
+        with job.lock:
+            if job.finished:
+                return
+            job.finished = True
         self.failed += 1
         self.reply(job.client, "/soundctm/fail", job.command, reason, job.id)
 
@@ -179,7 +194,7 @@ class Worker:
         parts: list[np.ndarray] = []
 
         def should_stop() -> bool:
-            return job.cancelled or (voice is not None and voice.stopped)
+            return job.cancelled or (voice is not None and voice.stopped) or self.device_lost is not None
 
         for chunk in eng.stream(job.prompt, should_stop=should_stop, **job.params):
             y = rs.push(chunk)
@@ -200,6 +215,9 @@ class Worker:
         if voice is not None:
             voice.push(tail)
             voice.close()
+        if self.device_lost is not None and self.mixer is not None:
+            job.cancel_reason = LOST
+            raise _Stopped
         if job.cancelled or (voice is not None and voice.stopped) or eng.last_timing is None:
             raise _Stopped
         return np.concatenate(parts)
@@ -229,14 +247,9 @@ class Worker:
             job.timing = {"rtf": total / 1e3 / max(seconds, 1e-9), "audio_seconds": seconds, "total_ms": total}
             self._finish(job)
         elif job.command == "render":
-            import soundfile as sf
-
             audio, timing = eng.generate(job.prompt, **job.params)
-            assert job.path is not None
-            job.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = job.path.with_name(f".{job.path.name}.{os.getpid()}.tmp")
-            sf.write(str(tmp), audio, eng.sample_rate, subtype="FLOAT", format="WAV")
-            os.replace(tmp, job.path)
+            assert job.render_root is not None and job.render_name is not None
+            write_wav(job.render_root, job.render_name, audio, eng.sample_rate)
             job.latency_ms = 0.0
             job.timing = timing.to_dict()
             self._finish(job)
@@ -254,9 +267,14 @@ class Worker:
             try:
                 if job.cancelled:
                     raise _Stopped
+                if self.device_lost is not None and self.mixer is not None and job.command in PLAYING:
+                    job.cancel_reason = LOST
+                    raise _Stopped
                 self._run_job(job)
-            except _Stopped:
-                self.fail(job, "stopped")
+            except (_Stopped, SamplingStopped):  # ours, or the engine's between sampling steps
+                self.fail(job, job.cancel_reason)
+            except RenderError as e:
+                self.fail(job, str(e))
             except Exception as e:  # the engine refused or broke: tell the client, keep serving
                 log.exception("job %d (%s) failed", job.id, job.command)
                 self.fail(job, f"{type(e).__name__}: {e}"[:200])
