@@ -206,3 +206,16 @@ def test_cost_probe_times_every_part(tmp_path: Path) -> None:
     for r in recs:
         assert all(r[f"time_{p}"] > 0 for p in parts)
         assert r["iteration_s"] >= sum(r[f"time_{p}"] for p in parts)
+
+
+def test_distill_sets_the_students_omega_range_and_default() -> None:
+    from soundctm_rt.train.distill_train import DistillConfig, student_model_config
+    from soundctm_rt.train.models.config import load_model_config
+
+    mc = load_model_config("tiny")
+    s = student_model_config(mc, DistillConfig(omega_min=1.0, omega_max=3.0, default_omega=1.5)).edm
+    assert (s.omega_min, s.omega_max, s.default_omega) == (1.0, 3.0, 1.5)
+    clamped = student_model_config(mc, DistillConfig(omega_min=1.0, omega_max=3.0)).edm
+    assert clamped.default_omega == min(max(mc.edm.default_omega, 1.0), 3.0)
+    with pytest.raises(ValueError, match="default_omega"):
+        DistillConfig(omega_min=1.0, omega_max=3.0, default_omega=4.0)

@@ -51,7 +51,18 @@ def test_stage_tables_keep_their_keys() -> None:
         VAETrainConfig: adamw | {"segment_frames", "stft_weight", "mel_weight", "kl_weight", "ema_decay", "eval_clips"},
         VAEDecoderTrainConfig: adamw | {"segment_frames", "stft_weight", "mel_weight", "latent_noise", "eval_clips"},
         DistillConfig: common
-        | {"lr", "betas", "ema_decay", "caption_dropout", "N", "max_n", "distance", "omega_min", "omega_max"}
+        | {
+            "lr",
+            "betas",
+            "ema_decay",
+            "caption_dropout",
+            "N",
+            "max_n",
+            "distance",
+            "omega_min",
+            "omega_max",
+            "default_omega",
+        }
         | {"lambda_dsm", "dsm_karras_r_max", "time_parts", "sample_prompts", "sample_steps", "sample_seed"},
     }
     for cls, keys in expected.items():

@@ -77,6 +77,7 @@ class DistillConfig(StageConfig):
     distance: str = "teacher_features"  # METHOD §3.7; "l2" is the ablation
     omega_min: float = 0.0  # ω range (METHOD §3.3); 0 and 0 = take [edm].omega_min/omega_max
     omega_max: float = 0.0
+    default_omega: float = 0.0  # the student's default ω; 0 = [edm].default_omega clamped into the range
     lambda_dsm: float = 0.2  # METHOD §3.9: 0.2 as in the DiT release (our network is a DiT); 1.0 in the UNet one
     dsm_karras_r_max: float = 0.7  # METHOD §3.8: r ~ U[0, 0.7] for the Karras half of the DSM σ
     time_parts: bool = True  # time each part of the iteration (synchronises CUDA around parts)
@@ -97,6 +98,8 @@ class DistillConfig(StageConfig):
             raise ValueError("[distill] caption_dropout and ema_decay must be in [0, 1)")
         if self.omega_max < self.omega_min or self.omega_min < 0:
             raise ValueError("[distill] need 0 <= omega_min <= omega_max")
+        if self.default_omega and not self.omega_min <= self.default_omega <= (self.omega_max or float("inf")):
+            raise ValueError("[distill] default_omega must lie in [omega_min, omega_max]")
         if not 0.0 <= self.dsm_karras_r_max <= 1.0 or self.lambda_dsm < 0:
             raise ValueError("[distill] dsm_karras_r_max must be in [0, 1] and lambda_dsm >= 0")
 
@@ -116,7 +119,9 @@ def student_model_config(model_cfg: ModelConfig, dcfg: DistillConfig) -> ModelCo
     """The model config written with the student: [edm]'s ω range is the one the student was trained on."""
     lo, hi = dcfg.omega_range(model_cfg.edm)
     edm = model_cfg.edm
-    default = min(max(edm.default_omega, lo), hi)
+    default = dcfg.default_omega or min(max(edm.default_omega, lo), hi)
+    if not lo <= default <= hi:
+        raise ValueError(f"[distill] default_omega {default} outside the ω range [{lo}, {hi}]")
     return dataclasses.replace(
         model_cfg, edm=dataclasses.replace(edm, omega_min=lo, omega_max=hi, default_omega=default)
     )
