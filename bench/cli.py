@@ -27,6 +27,10 @@ def cpu(
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot of RTF per step count."),
     no_torch: bool = typer.Option(False, "--no-torch", help="Skip the torch-eager comparison."),
     profile: bool = typer.Option(False, "--profile", help="Also profile a student step by operator type."),
+    variations: str = typer.Option(
+        "1,4,16", help="Batch sizes for K takes of one prompt (generate_variations); '' skips this part."
+    ),
+    variation_takes: int = typer.Option(16, min=1, help="Takes per variations run (K)."),
 ) -> None:
     """Per backend and step count: RTF end to end and per stage, p50/p95/p99, vs torch eager and the peak."""
     if ctx.invoked_subcommand is not None:
@@ -49,6 +53,19 @@ def cpu(
             fg="red",
         )
         raise typer.Exit(2) from None
+    from ..engine import MAX_BATCH
+
+    try:
+        batch_list = [int(s) for s in variations.split(",") if s.strip()]
+        if any(not 1 <= b <= MAX_BATCH for b in batch_list):
+            raise ValueError
+    except ValueError:
+        typer.secho(
+            f"error: --variations must be batch sizes in [1, {MAX_BATCH}] separated by commas, got {variations!r}",
+            err=True,
+            fg="red",
+        )
+        raise typer.Exit(2) from None
     try:
         report = run_cpu_bench(
             resolve_bundle(bundle),
@@ -59,6 +76,8 @@ def cpu(
             threads,
             torch_eager=not no_torch,
             device=device,
+            variation_batches=batch_list,
+            variation_takes=variation_takes,
         )
     except BundleError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
@@ -67,10 +86,12 @@ def cpu(
         from ..bundle import Bundle
         from .profile import format_profile, profile_student_step
 
-        report["student_step_profile"] = profile_student_step(Bundle.open(resolve_bundle(bundle)), threads=threads)
+        opened = Bundle.open(resolve_bundle(bundle))
+        report["student_step_profile"] = {b: profile_student_step(opened, threads=threads, backend=b) for b in backends}
     typer.echo(format_table(report))
     if profile:
-        typer.echo(format_profile(report["student_step_profile"]))
+        for p in report["student_step_profile"].values():
+            typer.echo(format_profile(p))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -78,8 +99,12 @@ def cpu(
         plot(report, plot_path)
 
 
+from .int8_quality import int8_quality  # noqa: E402
 from .latency import latency  # noqa: E402
 from .soak import soak  # noqa: E402
+from .speedups import speedups  # noqa: E402
 
 app.command()(latency)
 app.command()(soak)
+app.command()(speedups)
+app.command("int8-quality")(int8_quality)

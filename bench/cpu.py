@@ -85,6 +85,63 @@ def bench_backend(
     return rows
 
 
+def bench_variations(
+    bundle: Bundle,
+    backend: str,
+    batches: list[int],
+    takes: int,
+    rounds: int,
+    threads: int | None,
+    device: str,
+    steps: int | None = None,
+) -> list[dict[str, Any]]:
+    """Takes per second of `takes` variations of one prompt: one after another with `generate` (sequential), and
+    through `generate_variations` at each batch size. Decoding is part of every take. Rounds interleave the modes,
+    so that their ratio is measured under the same load; medians over rounds."""
+    eng = Engine(bundle, backend=backend, device=device, threads=threads, warmup=True)
+    steps = steps or eng.defaults["steps"]
+    eng.encode_prompt(PROMPT)  # a variation run encodes its prompt once; so does a sequential run after the first
+
+    def sequential() -> list[Timing]:
+        return [eng.generate(PROMPT, seed=i, steps=steps)[1] for i in range(takes)]
+
+    def batched(b: int) -> list[Timing]:
+        return [t.timing for t in eng.generate_variations(PROMPT, takes, seed=0, steps=steps, batch=b)]
+
+    modes: dict[str, Any] = {"sequential": sequential, **{f"batch {b}": (lambda b=b: batched(b)) for b in batches}}
+    for fn in modes.values():  # warm-up: opens every batch size's sessions
+        fn()
+    wall: dict[str, list[float]] = {m: [] for m in modes}
+    last: dict[str, list[Timing]] = {}
+    for _ in range(rounds):
+        for m, fn in modes.items():
+            t0 = time.perf_counter()
+            last[m] = fn()
+            wall[m].append(time.perf_counter() - t0)
+    rows = []
+    seq = float(np.median(wall["sequential"]))
+    for m in modes:
+        w = float(np.median(wall[m]))
+        ts = last[m]
+        sampled = {id(t): t for t in ts}  # per take: its batch's sampling time is shared by the batch
+        row = {
+            "backend": backend,
+            "steps": steps,
+            "takes": takes,
+            "mode": "sequential" if m == "sequential" else "batch",
+            "batch": None if m == "sequential" else int(m.split()[1]),
+            "path": ts[0].path,
+            "takes_per_s": takes / w,
+            "speedup_vs_sequential": seq / w,
+            "sample_ms_per_take": float(np.sum([t.sample_ms / t.batch for t in sampled.values()]) / takes),
+            "decode_ms_per_take": float(np.mean([t.decode_ms for t in ts])),
+            "rounds": rounds,
+        }
+        rows.append(row)
+        log.info("%s %s: %.1f takes/s (x%.2f)", backend, m, row["takes_per_s"], row["speedup_vs_sequential"])
+    return rows
+
+
 def bench_torch_eager(
     bundle: Bundle, steps_list: list[int], runs: int, warmup: int, threads: int | None
 ) -> tuple[list[dict[str, Any]], str | None]:
@@ -151,6 +208,9 @@ def run_cpu_bench(
     threads: int | None = None,
     torch_eager: bool = True,
     device: str = "cpu",
+    variation_batches: list[int] | None = None,
+    variation_takes: int = 16,
+    variation_rounds: int = 3,
 ) -> dict[str, Any]:
     bundle = Bundle.open(bundle_path)
     report: dict[str, Any] = {
@@ -187,6 +247,14 @@ def run_cpu_bench(
     for backend in backends:
         results += bench_backend(bundle, backend, steps_list, runs, warmup, threads, device)
     report["results"] = results
+    if variation_batches:
+        report["variations"] = [
+            row
+            for backend in backends
+            for row in bench_variations(
+                bundle, backend, variation_batches, variation_takes, variation_rounds, threads, device
+            )
+        ]
     report["warnings"] = machine_warnings(report["machine"], threads)
     report["ratios"] = ratios(report)
     return report
@@ -252,6 +320,22 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"torch eager: skipped ({report['torch_eager_skipped']})")
     for k, v in report["ratios"].items():
         lines.append(f"{k}: {v:.2f}")
+    if report.get("variations"):
+        v0 = report["variations"][0]
+        lines.append(
+            f"variations: {v0['takes']} takes of one prompt at {v0['steps']} step(s), decoding included "
+            "(rounds interleaved; speed-up against the same takes one after another)"
+        )
+        lines.append(
+            f"{'backend':<12}{'mode':<12}{'path':<7}{'takes/s':>9}{'speed-up':>10}{'sample ms/take':>16}"
+            f"{'decode ms/take':>16}"
+        )
+        for r in report["variations"]:
+            mode = "sequential" if r["mode"] == "sequential" else f"batch {r['batch']}"
+            lines.append(
+                f"{r['backend']:<12}{mode:<12}{r['path']:<7}{r['takes_per_s']:>9.2f}{r['speedup_vs_sequential']:>10.2f}"
+                f"{r['sample_ms_per_take']:>16.2f}{r['decode_ms_per_take']:>16.2f}"
+            )
     return "\n".join(lines) + "\n"
 
 

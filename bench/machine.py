@@ -30,6 +30,9 @@ def fingerprint() -> dict[str, Any]:
         info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
     except OSError:
         pass
+    from ..backends import cpu_features
+
+    info["cpu_features"] = cpu_features()  # VNNI / AVX-512 / AMX decide what INT8 gains
     try:
         mem = next(ln for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
         info["mem_gb"] = round(int(mem.split()[1]) / 1e6, 1)

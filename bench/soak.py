@@ -1,10 +1,15 @@
-"""`soundctm-rt bench soak`: R triggers per second for M minutes on a JACK dummy clock; underruns, ring
-starvation and the daemon's resident memory sampled over time."""
+"""`soundctm-rt bench soak`: R triggers per second for M minutes on a JACK dummy clock; underruns, starved
+callbacks (a playing voice without samples ready), clock jumps and the daemon's resident memory sampled over
+time. `--cpu-load N` runs N busy-looping processes beside it (a machine with other work on it)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +27,39 @@ def _rss_kib(pid: int) -> int:
     return -1
 
 
+@contextlib.contextmanager
+def cpu_load(processes: int) -> Iterator[None]:
+    """`processes` busy-looping Python processes for the duration of the block; stopped by PID."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=5)
+
+
 def run_soak(
     bundle: Path | None,
     minutes: float,
     rate: float,
     samplerate: int,
     blocksize: int,
-    lead: float,
     generate_every: int = 10,
     sample_s: float = 10.0,
+    load: int = 0,
 ) -> dict[str, Any]:
     from .machine import fingerprint
 
     series: list[dict[str, Any]] = []
     lat: list[float] = []
     fails: list[Any] = []
-    with jack_daemon(bundle, samplerate, blocksize, lead) as (port, proc, jack), OscClient(port) as c:
+    with (
+        jack_daemon(bundle, samplerate, blocksize) as (port, proc, jack),
+        OscClient(port) as c,
+        cpu_load(load),
+    ):
         c.send("/soundctm/preload", "kick drum", 4)
         c.expect("/soundctm/done", 300)
         s0, x0 = c.status(), jack.xruns()
@@ -60,6 +82,7 @@ def run_soak(
                                 "starved_callbacks",
                                 "starved_frames",
                                 "voice_gaps",
+                                "clock_jumps",
                                 "completed",
                                 "gc_collections",
                                 "gc_gen2",
@@ -95,7 +118,7 @@ def run_soak(
         "rate_per_s": rate,
         "samplerate": samplerate,
         "blocksize": blocksize,
-        "lead_blocks": lead,
+        "cpu_load_processes": load,
         "bundle": str(bundle) if bundle else "default",
         "jobs_sent": i,
         "failures": len(fails),
@@ -104,6 +127,8 @@ def run_soak(
         "starved_callbacks": s1["starved_callbacks"] - s0["starved_callbacks"],
         "starved_frames": s1["starved_frames"] - s0["starved_frames"],
         "voice_gaps": s1["voice_gaps"] - s0["voice_gaps"],
+        "clock_jumps": s1["clock_jumps"] - s0["clock_jumps"],
+        "late": s1["late"] - s0["late"],
         "gc_gen2": s1["gc_gen2"] - s0["gc_gen2"],
         "gc_max_pause_ms": s1["gc_max_pause_ms"],
         "latency_ms": percentiles(lat) if lat else None,
@@ -118,10 +143,12 @@ def run_soak(
 def format_soak(r: dict[str, Any]) -> str:
     lat = r["latency_ms"] or {}
     return (
-        f"soak {r['minutes']} min at {r['rate_per_s']}/s ({r['jobs_sent']} jobs, {r['failures']} failed): "
+        f"soak {r['minutes']} min at {r['rate_per_s']}/s ({r['jobs_sent']} jobs, {r['failures']} failed, "
+        f"{r['cpu_load_processes']} busy processes beside): "
         f"underruns {r['underruns']} ({format_causes(r)}), "
         f"starved callbacks {r['starved_callbacks']} ({r['starved_frames']} frames), "
-        f"voice gaps {r['voice_gaps']}; GC: {r['gc_gen2']} full collections, longest pause "
+        f"voice gaps {r['voice_gaps']}, clock jumps {r['clock_jumps']}; "
+        f"GC: {r['gc_gen2']} full collections, longest pause "
         f"{r['gc_max_pause_ms']:.2f} ms; latency p50 {lat.get('p50', float('nan')):.2f} ms "
         f"p99 {lat.get('p99', float('nan')):.2f} ms; RSS {r['rss_kib_first_warm']} -> {r['rss_kib_end']} KiB "
         f"({r['rss_growth_kib_after_warmup']:+d} KiB after warm-up)"
@@ -134,11 +161,13 @@ def soak(
     bundle: Path | None = typer.Option(None, help="Bundle (default: the shipped model)."),
     blocksize: int = typer.Option(256, min=16, max=8192, help="JACK period and daemon block, frames."),
     samplerate: int = typer.Option(48000, min=8000, max=384000, help="Hz."),
-    lead: float = typer.Option(1.0, min=0.25, max=64.0, help="The daemon's --lead (blocks)."),
+    cpu_load_processes: int = typer.Option(
+        0, "--cpu-load", min=0, max=64, help="Busy-looping processes to run beside the daemon (other work)."
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report (with the time series) as JSON."),
 ) -> None:
-    """Underruns, ring starvation and memory over time at R triggers per second."""
-    r = run_soak(bundle, minutes, rate, samplerate, blocksize, lead)
+    """Underruns, starved callbacks, clock jumps and memory over time at R triggers per second."""
+    r = run_soak(bundle, minutes, rate, samplerate, blocksize, load=cpu_load_processes)
     typer.echo(format_soak(r))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)

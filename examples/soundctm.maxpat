@@ -142,6 +142,24 @@
    },
    {
     "box": {
+     "id": "obj-18",
+     "maxclass": "message",
+     "text": "/soundctm/set latency 50",
+     "patching_rect": [
+      340,
+      190,
+      300.0,
+      22.0
+     ],
+     "numinlets": 2,
+     "numoutlets": 1,
+     "outlettype": [
+      ""
+     ]
+    }
+   },
+   {
+    "box": {
      "id": "obj-16",
      "maxclass": "message",
      "text": "/soundctm/stop",
@@ -220,6 +238,22 @@
       340,
       300.0,
       22.0
+     ],
+     "numinlets": 1,
+     "numoutlets": 0,
+     "outlettype": []
+    }
+   },
+   {
+    "box": {
+     "id": "obj-19",
+     "maxclass": "comment",
+     "text": "udpsend sends plain messages, not time-tagged bundles: \"set latency 50\" (or serve --latency 50) makes every trigger sound exactly 50 ms after it arrives, to the sample.",
+     "patching_rect": [
+      340,
+      130,
+      300.0,
+      50.0
      ],
      "numinlets": 1,
      "numoutlets": 0,
@@ -332,6 +366,18 @@
      ],
      "destination": [
       "obj-4",
+      0
+     ]
+    }
+   },
+   {
+    "patchline": {
+     "source": [
+      "obj-18",
+      0
+     ],
+     "destination": [
+      "obj-2",
       0
      ]
     }

@@ -40,6 +40,12 @@ def export(
         "as known prompts (the runtime warns about prompts far from all of them), and the compact text encoder's "
         "check. A corpus column, if there, is listed too.",
     ),
+    no_cpu_fusion: bool = typer.Option(
+        False, "--no-cpu-fusion", help="Keep the student's graphs as exported (no fused GELU/attention operators)."
+    ),
+    no_batched_fused: bool = typer.Option(
+        False, "--no-batched-fused", help="Fused graphs take one take (batch 1) instead of a batch of takes."
+    ),
 ) -> None:
     """Export a model to an ONNX + OpenVINO bundle, with a parity gate against torch."""
     import logging
@@ -85,6 +91,8 @@ def export(
             openvino=not no_openvino,
             stream_chunk=stream_chunk,
             min_snr_db=min_snr_db,
+            cpu_fusion=not no_cpu_fusion,
+            batched_fused=not no_batched_fused,
         )
         if init:
             assert config is not None  # checked above: --init random needs --config

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 OPSET = 18
 SHARE_MIN_BYTES = 1024  # smaller tensors stay inside the graph
 ALIGN = 4096  # page alignment lets onnxruntime map the data
+MAX_BATCH = 64  # the largest batch a graph with a dynamic batch dimension is exported for
 
 
 def export_onnx(
@@ -32,16 +33,21 @@ def export_onnx(
     path: Path,
     input_names: list[str],
     output_names: list[str],
-    dynamic_batch: list[str] | None = None,
+    dynamic_batch: list[str] | dict[str, int] | None = None,
 ) -> onnx.ModelProto:
-    """Export one wrapper with the dynamo exporter; `dynamic_batch` names inputs whose dim 0 is dynamic."""
+    """Export one wrapper with the dynamo exporter.
+
+    `dynamic_batch` names the inputs with a batch dimension, the dynamic dim "batch": a list (dim 0) or
+    {input: axis}. The runtime pins it per session (static shapes for the optimisers, backends.py).
+    """
     module.eval()
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     dynamic_shapes: Any = None
     if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=64)
-        dynamic_shapes = {n: ({0: batch} if n in dynamic_batch else None) for n in input_names}
+        axes = dynamic_batch if isinstance(dynamic_batch, dict) else dict.fromkeys(dynamic_batch, 0)
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        dynamic_shapes = {n: ({axes[n]: batch} if n in axes else None) for n in input_names}
     import inspect
 
     params = list(inspect.signature(module.forward).parameters)

@@ -35,6 +35,7 @@ from .compact import (
     text_encoder_quality,
     word_embedding,
 )
+from .cpu_fusion import fuse_file, fused_for_cpu
 from .graph_facts import count_flops, torch_param_map
 from .known_prompts import write_known_prompts
 from .onnx_io import SharedWeights, export_onnx, io_contract
@@ -82,7 +83,7 @@ class ExportOptions:
     steps: tuple[int, ...] = (1, 2, 4, 8)  # fused γ-sampling graphs
     fuse_decode: bool = True  # fused graphs also output the decoded waveform
     stream_chunk: int = 4  # latent frames per streaming-decoder call (~93 ms at 43 Hz)
-    int8: bool = False  # extra INT8 variants (onnxruntime) of text_encoder and student_step, never the default
+    int8: bool = False  # extra INT8 variants of the student step and fused graphs, never the default (int8.py)
     openvino: bool = True
     min_snr_db: float = 60.0  # parity gate: every graph on every backend vs torch
     seed: int = 1234  # fixed parity inputs
@@ -92,6 +93,8 @@ class ExportOptions:
     captions: tuple[str, ...] = ()  # training captions: the bundle's known prompts and the compact encoder's check
     caption_corpora: tuple[str, ...] = ()  # the corpus of each caption (parallel to captions), or ()
     default_steps: int | None = None  # the bundle's default step count (None: the model config's)
+    cpu_fusion: bool = True  # fused GELU and attention operators in the student's graphs (cpu_fusion.py)
+    batched_fused: bool = True  # fused graphs take a batch of takes of one prompt (dynamic batch dimension)
 
     def __post_init__(self) -> None:
         if not self.steps or any(s < 1 or s > 64 for s in self.steps):
@@ -122,7 +125,7 @@ class _Graph:
     args: tuple
     inputs: list[str]
     outputs: list[str]
-    dynamic_batch: list[str] = field(default_factory=list)
+    dynamic_batch: dict[str, int] = field(default_factory=dict)  # input -> its batch axis
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,7 +162,7 @@ def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_G
             (p["ids"], p["mask"]),
             ["input_ids", "attention_mask"],
             ["tokens", "pooled"],
-            ["input_ids", "attention_mask"],
+            {"input_ids": 0, "attention_mask": 0},
         ),
     ]
     x = torch.randn(2, C, T, generator=g) * 5.0
@@ -172,9 +175,12 @@ def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_G
             (x, t, s, p["tokens"][:2], p["token_mask"][:2], p["pooled"][:2], torch.tensor([3.5, 3.5])),
             ["x", "t", "s", "tokens", "token_mask", "pooled", "omega"],
             ["x_s"],
-            ["x", "t", "s", "tokens", "token_mask", "pooled", "omega"],
+            dict.fromkeys(["x", "t", "s", "tokens", "token_mask", "pooled", "omega"], 0),
         )
     )
+    # K takes of one prompt: eps_T [K, C, T], noise [steps - 1, K, C, T], the conditioning repeated K times;
+    # omega and gamma [1] are shared by the batch
+    take_axes = {"eps_T": 0, "noise": 1, "tokens": 0, "token_mask": 0, "pooled": 0} if opts.batched_fused else {}
     for n in opts.steps:
         eps = torch.randn(1, C, T, generator=g)
         omega, gamma = torch.tensor([3.5]), torch.tensor([0.5])
@@ -189,6 +195,7 @@ def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_G
                     (eps, *tok1, omega, gamma),
                     ["eps_T", "tokens", "token_mask", "pooled", "omega", "gamma"],
                     outs,
+                    {k: v for k, v in take_axes.items() if k != "noise"},
                     attrs=attrs,
                 )
             )
@@ -201,6 +208,7 @@ def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_G
                     (eps, noise, *tok1, omega, gamma),
                     ["eps_T", "noise", "tokens", "token_mask", "pooled", "omega", "gamma"],
                     outs,
+                    dict(take_axes),
                     attrs=attrs,
                 )
             )
@@ -288,7 +296,9 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
             onnx_path = out / "onnx" / f"{gr.name}.onnx"
             model = export_onnx(gr.module, gr.args, onnx_path, gr.inputs, gr.outputs, gr.dynamic_batch)
             inputs, outputs = io_contract(model)
-            gr.attrs["flops"] = count_flops(onnx_path)
+            gr.attrs["flops"] = count_flops(onnx_path)  # before the fusion: it counts MatMul/Gemm/Conv nodes
+            if opts.cpu_fusion and fused_for_cpu(gr.name):
+                gr.attrs["cpu_fusion"] = fuse_file(onnx_path)
             if gr.name == "student_step":  # lets `bench` run the same weights in torch eager
                 gr.attrs["torch_params"] = torch_param_map(gr.module, onnx_path)
             if gr.name == "text_encoder" and opts.int8_embeddings:
@@ -382,16 +392,26 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
 
     int8: dict[str, Any] = {}
     if opts.int8:
-        from .int8 import export_int8
+        from .int8 import export_int8, int8_files
 
-        int8 = export_int8(out, graphs, manifest_graphs)
-        extra += [v["file"] for v in int8.values()]
+        int8 = export_int8(out, graphs, manifest_graphs, openvino=opts.openvino)
+        extra += int8_files(int8)
 
     manifest = _manifest(src, opts, manifest_graphs, parity, licenses, int8, extra, time.perf_counter() - t_start)
     manifest["compression"] = compression
     if known is not None:
         manifest["known_prompts"] = known
     write_manifest(out, manifest)
+    if opts.int8:  # measured through the Engine on the bundle just written
+        from ..backends import cpu_features
+        from .int8 import measure_takes
+
+        manifest["int8_report"] = {
+            "cpu": cpu_features(),
+            "takes_vs_fp32": measure_takes(out),
+            "embedding_metrics": "not measured at export: `soundctm-rt bench int8-quality --data DATASET`",
+        }
+        write_manifest(out, manifest)
     return out
 
 

@@ -4,6 +4,10 @@ Settings follow DESIGN.md: onnxruntime with explicit intra-op threads, inter-op 
 graph optimisations and spinning off (always: several sessions share the cores, see OrtSession); OpenVINO
 with the LATENCY hint, f32 precision pinned
 (it silently picks bf16 on CPUs that have it), a thread count and a compiled-model cache.
+
+Static shapes: a session opened for a `batch` pins the graphs' dynamic "batch" dimension (onnxruntime's free
+dimension override, OpenVINO's reshape before compiling), so both optimisers see every shape. Measured on the
+cpu architecture's student step, 1 thread, CPU time: OpenVINO 17.5 -> 15.4 ms, onnxruntime within 2 %.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,11 +56,16 @@ class Session(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
+BATCH_DIM = "batch"  # the name export gives every dynamic batch dimension
+
+
 class OrtSession:
-    def __init__(self, path: Path, opts: BackendOptions) -> None:
+    def __init__(self, path: Path, opts: BackendOptions, batch: int | None = None) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
+        if batch is not None:
+            so.add_free_dimension_override_by_name(BATCH_DIM, batch)
         so.intra_op_num_threads = opts.resolved_threads()
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -88,7 +97,7 @@ class OrtSession:
 
 
 class OpenVINOSession:
-    def __init__(self, xml: Path, weights: Path | None, opts: BackendOptions) -> None:
+    def __init__(self, xml: Path, weights: Path | None, opts: BackendOptions, batch: int | None = None) -> None:
         try:
             import openvino as ov
         except ImportError as e:
@@ -108,6 +117,8 @@ class OpenVINOSession:
             config["CACHE_DIR"] = opts.cache_dir
         try:
             model = self.core.read_model(str(xml), str(weights)) if weights else self.core.read_model(str(xml))
+            if batch is not None:
+                pin_batch(ov, model, batch)
             self.compiled = self.core.compile_model(model, device, config)
         except Exception as e:
             raise BundleError(f"OpenVINO could not load {xml.name}: {e}") from e
@@ -120,18 +131,55 @@ class OpenVINOSession:
         return [np.array(self.request.get_output_tensor(i).data) for i in range(len(self.output_names))]
 
 
-def open_session(bundle: Bundle, graph: str, opts: BackendOptions) -> Session:
-    """A session for one graph of a bundle on the chosen backend."""
+def pin_batch(ov: Any, model: Any, batch: int) -> None:
+    """Set every dynamic dimension of the model's inputs to `batch` (export leaves only batch dims dynamic)."""
+    shapes = {}
+    for port in model.inputs:
+        ps = port.get_partial_shape()
+        if ps.is_dynamic:
+            dims = [batch if d.is_dynamic else d.get_length() for d in ps]
+            shapes[port] = ov.PartialShape(dims)
+    if shapes:
+        model.reshape(shapes)
+
+
+def open_session(bundle: Bundle, graph: str, opts: BackendOptions, batch: int | None = None) -> Session:
+    """A session for one graph of a bundle on the chosen backend; `batch` pins its batch dimension."""
     spec = bundle.graph(graph)
     if opts.backend not in spec.files:
         raise BundleError(f"graph '{graph}' of bundle {bundle.root} has no {opts.backend} file")
     path = bundle.path(spec.files[opts.backend])
     if opts.backend == "onnxruntime":
-        return OrtSession(path, opts)
+        return OrtSession(path, opts, batch)
     w = spec.weights.get("openvino")
-    return OpenVINOSession(path, bundle.path(w) if w else None, opts)
+    return OpenVINOSession(path, bundle.path(w) if w else None, opts, batch)
 
 
-def open_file_session(path: Path, opts: BackendOptions, weights: Path | None = None) -> Session:
+def open_file_session(
+    path: Path, opts: BackendOptions, weights: Path | None = None, batch: int | None = None
+) -> Session:
     """A session straight from a graph file (export's parity gate, before a manifest exists)."""
-    return OrtSession(path, opts) if opts.backend == "onnxruntime" else OpenVINOSession(path, weights, opts)
+    if opts.backend == "onnxruntime":
+        return OrtSession(path, opts, batch)
+    return OpenVINOSession(path, weights, opts, batch)
+
+
+def cpu_features() -> dict[str, Any]:
+    """The CPU's model and the instruction-set extensions INT8 and float32 inference depend on (Linux; {} else)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return {}
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    return {
+        "model": model,
+        "avx2": "avx2" in flags,
+        "fma": "fma" in flags,
+        "avx512f": "avx512f" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx_vnni": "avx_vnni" in flags,
+        "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}),
+        "amx_int8": "amx_int8" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+    }

@@ -11,6 +11,8 @@ import logging
 import math
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,13 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2  # click's code for its own usage errors: one code for every wrong command line
 
 
-def _fail(msg: str, code: int = EXIT_FAILURE) -> typer.Exit:
+def fail(msg: str, code: int = EXIT_FAILURE) -> typer.Exit:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
 
 
-def _usage(msg: str) -> typer.Exit:
-    return _fail(msg, EXIT_USAGE)
+def usage_error(msg: str) -> typer.Exit:
+    return fail(msg, EXIT_USAGE)
 
 
 def generate(
@@ -48,34 +50,21 @@ def generate(
     nu: float | None = typer.Option(None, help="ν-guidance of the student (1 = none, skips the unconditional pass)."),
     seed: int = typer.Option(0, help="Seed of all noise: the same seed gives the same sound."),
     duration: float | None = typer.Option(None, help="Seconds (at most the model's clip length)."),
-    variations: int = typer.Option(1, min=1, max=1024, help="K takes with seeds seed, seed+1, ..."),
+    variations: int = typer.Option(
+        1, min=1, max=1024, help="K takes with seeds seed, seed+1, ..., sampled in batches through the graphs."
+    ),
+    int8: bool = typer.Option(False, "--int8", help="Run the bundle's INT8 graphs (edge variant; see `info`)."),
     bundle: Path | None = typer.Option(None, help="Bundle directory or zip (default: the shipped model)."),
     backend: str = typer.Option("onnxruntime", help=BACKEND_HELP),
     device: str = typer.Option("cpu", help="cpu, gpu or npu (where the backend has it)."),
     threads: int | None = typer.Option(None, min=1, help="Intra-op threads (default: all cores)."),
     fmt: str = typer.Option("PCM_16", "--subtype", help="WAV subtype: PCM_16, PCM_24 or FLOAT."),
     json_out: bool = typer.Option(False, "--json", help="Print the timing records as JSON lines."),
-    intensity: str | None = typer.Option(
-        None,
-        "--intensity",
-        help="Shape the loudness: a preset (fade-in, swell, decay, pulse) or a CSV/JSON of (seconds, dB) points. "
-        "Runs the torch student (needs torch and --checkpoint).",
-    ),
-    control: str = typer.Option("noise-opt", "--control", help="With --intensity: noise-opt or guidance."),
-    checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", help="With --intensity: student checkpoint (default: models/student_model.safetensors)."
-    ),
     peak_db: float | None = typer.Option(
         None,
         "--peak-db",
         help="Scale each take so that its peak sits at this level in dBFS (e.g. -1). The model's output level "
         "is not normalised: quiet sounds such as closed hi-hats can peak far below full scale.",
-    ),
-    strength: float = typer.Option(
-        1.0,
-        "--control-strength",
-        help="With --intensity: scales both methods' step sizes. 1 keeps the prompt's sound on the test prompts "
-        "(docs/control.md); more follows the curve closer and changes the sound more.",
     ),
 ) -> None:
     """Generate sound from a text prompt and write WAV files."""
@@ -85,71 +74,47 @@ def generate(
     from .engine import Engine
 
     if fmt not in ("PCM_16", "PCM_24", "FLOAT"):
-        raise _usage(f"--subtype must be PCM_16, PCM_24 or FLOAT, not {fmt!r}")
+        raise usage_error(f"--subtype must be PCM_16, PCM_24 or FLOAT, not {fmt!r}")
     if output.suffix.lower() != ".wav" and not (variations > 1 and (output.is_dir() or output.suffix == "")):
-        raise _usage(f"--output must end in .wav (or be a folder with --variations), got {output}")
-    if intensity is None and (checkpoint is not None or control != "noise-opt" or strength != 1.0):
-        raise _usage("--control, --control-strength and --checkpoint only apply with --intensity")
+        raise usage_error(f"--output must end in .wav (or be a folder with --variations), got {output}")
     if peak_db is not None and not (math.isfinite(peak_db) and -60.0 <= peak_db <= 0.0):
-        raise _usage(f"--peak-db must be in [-60, 0] dBFS, got {peak_db}")
-    if peak_db is not None and intensity is not None:
-        raise _usage("--peak-db would undo --intensity (its curve is in dBFS): use one or the other")
+        raise usage_error(f"--peak-db must be in [-60, 0] dBFS, got {peak_db}")
     try:
         prompt = Engine.check_prompt(prompt)  # the daemon refuses the same prompts with the same words
         BackendOptions(backend=backend, device=device, threads=threads)
     except ValueError as e:
-        raise _usage(str(e)) from None
-    paths = _output_paths(output, variations)
-    for why in map(_unwritable, paths):  # before any work: a take must not be lost at the last step
+        raise usage_error(str(e)) from None
+    paths = output_paths(output, variations)
+    for why in map(unwritable, paths):  # before any work: a take must not be lost at the last step
         if why:
-            raise _fail(why)
-    if intensity is not None:  # METHOD §6 control differentiates through the torch student: imported only here
-        if bundle is not None or backend != "onnxruntime" or device != "cpu":
-            raise _usage(
-                "--intensity runs the torch checkpoint on the CPU: --bundle, --backend and --device do not apply"
-            )
-        from .train.control_cli import generate_controlled
-
-        generate_controlled(
-            prompt,
-            paths,
-            intensity,
-            control,
-            checkpoint,
-            steps,
-            gamma,
-            cfg,
-            nu,
-            seed,
-            duration,
-            threads,
-            fmt,
-            json_out,
-            strength,
-        )
-        return
+            raise fail(why)
+    t0 = time.perf_counter()
     try:
-        eng = Engine(resolve_bundle(bundle), backend=backend, device=device, threads=threads, warmup=False)
+        eng = Engine(resolve_bundle(bundle), backend=backend, device=device, threads=threads, warmup=False, int8=int8)
     except (BundleError, OSError, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     try:
         eng.check_params(steps=steps, gamma=gamma, omega=cfg, nu=nu, duration=duration, seed=seed)
         if seed + variations - 1 > 2**63 - 1:
             raise ValueError("seed + variations exceeds the seed range")
     except ValueError as e:
-        raise _usage(str(e)) from None
+        raise usage_error(str(e)) from None
+    try:  # the graphs open here, so that no take's timing (RTF) includes loading the model
+        eng.load(steps=steps, nu=nu, takes=variations)
+    except (BundleError, OSError) as e:
+        raise fail(str(e)) from None
+    typer.echo(
+        f"loaded {bundle or 'the shipped model'} on {backend} ({device}) in {1e3 * (time.perf_counter() - t0):.0f} ms",
+        err=True,
+    )
     _warn_about_prompt(eng, prompt)
     try:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _fail(f"cannot make the folder {paths[0].parent}: {e.strerror}") from None
-    for k, path in enumerate(paths):
-        try:
-            audio, timing = eng.generate(
-                prompt, seed=seed + k, steps=steps, gamma=gamma, omega=cfg, nu=nu, duration=duration
-            )
-        except BundleError as e:
-            raise _fail(str(e)) from None
+        raise fail(f"cannot make the folder {paths[0].parent}: {e.strerror}") from None
+    for path, (take_seed, audio, timing) in zip(
+        paths, _takes(eng, prompt, variations, seed, steps, gamma, cfg, nu, duration), strict=True
+    ):
         gain_db = 0.0
         if peak_db is not None:
             audio, gain_db = _to_peak(audio, peak_db)
@@ -160,9 +125,9 @@ def generate(
         try:
             sf.write(str(path), audio, eng.sample_rate, subtype=fmt)
         except (OSError, RuntimeError) as e:  # soundfile reports its own failures as RuntimeError
-            raise _fail(f"cannot write {path}: {e}") from None
+            raise fail(f"cannot write {path}: {e}") from None
         if json_out:
-            rec = {"file": str(path), "seed": seed + k, **timing.to_dict()}
+            rec = {"file": str(path), "seed": take_seed, **timing.to_dict()}
             if peak_db is not None:
                 rec["gain_db"] = round(gain_db, 2)
             typer.echo(json.dumps(rec))
@@ -170,6 +135,34 @@ def generate(
             typer.echo(
                 f"{path}  {timing.audio_seconds:.2f} s  {timing.total_ms:.1f} ms  RTF {timing.rtf:.4f} ({timing.path})"
             )
+
+
+def _takes(
+    eng: Any,
+    prompt: str,
+    k: int,
+    seed: int,
+    steps: int | None,
+    gamma: float | None,
+    omega: float | None,
+    nu: float | None,
+    duration: float | None,
+) -> Iterator[tuple[int, Any, Any]]:
+    """(seed, audio, timing) of each take as soon as it is decoded: one take alone, K takes as batches (the
+    graphs run once per batch, so 16 variations cost far less than 16 single takes)."""
+    try:
+        if k == 1:
+            audio, timing = eng.generate(
+                prompt, seed=seed, steps=steps, gamma=gamma, omega=omega, nu=nu, duration=duration
+            )
+            yield seed, audio, timing
+            return
+        for take in eng.generate_variations(
+            prompt, k, seed=seed, steps=steps, gamma=gamma, omega=omega, nu=nu, duration=duration
+        ):
+            yield take.seed, take.audio, take.timing
+    except BundleError as e:
+        raise fail(str(e)) from None
 
 
 def _warn_about_prompt(eng: Any, prompt: str) -> None:
@@ -184,7 +177,7 @@ def _warn_about_prompt(eng: Any, prompt: str) -> None:
         typer.echo(f"warning: {note}", err=True)
 
 
-def _unwritable(path: Path) -> str | None:
+def unwritable(path: Path) -> str | None:
     """Why a WAV cannot be written at path, or None; found without leaving anything behind."""
     if path.is_dir():
         return f"cannot write {path}: it is a folder"
@@ -217,7 +210,7 @@ def _to_peak(audio: np.ndarray, peak_db: float) -> tuple[np.ndarray, float]:
     return (audio * 10.0 ** (gain_db / 20.0)).astype(audio.dtype), gain_db
 
 
-def _output_paths(output: Path, k: int) -> list[Path]:
+def output_paths(output: Path, k: int) -> list[Path]:
     if k == 1:
         return [output]
     if output.is_dir() or output.suffix == "":
@@ -234,7 +227,7 @@ def info(
     try:
         b = Bundle.open(resolve_bundle(bundle), verify=not no_verify)
     except BundleError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if as_json:
         typer.echo(json.dumps(b.manifest, indent=2))
         return

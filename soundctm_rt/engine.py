@@ -4,6 +4,8 @@ Two paths give the same result for the same seed (a test holds them to it):
 - fused: one call of `fused_N` (the γ-loop unrolled, decode fused in) when ν = 1 and N is exported;
 - host: the numpy γ-loop of `sampling.py` over `student_step`, then the decoder — any step count, ν-guidance,
   stoppable between steps, and the streaming decoder so audio can start before the whole clip is decoded.
+`generate_variations` runs K takes of one prompt as batches through the same graphs (the fused ones when the
+bundle exported them with a batch dimension), and yields each take as soon as it is decoded.
 The decoder follows the bundle's latent kind: "mel" (the fixed log-mel code, METHOD §5b) is decoded on the host
 by `melcode.MelDecoder` (chunked fast Griffin-Lim); "vae" by the `vae_decoder` / `vae_decoder_stream` graphs.
 An Engine is meant for one thread (OpenVINO infer requests are not thread-safe); make one per worker.
@@ -27,13 +29,15 @@ from .bundle import Bundle, BundleError, bundle_id, cache_root, resolve_bundle
 from .level import soft_limit
 from .limits import MIN_DURATION, clean_prompt
 from .melcode import MelCodeConfig, MelDecoder, denormalise
-from .sampling import draw_noise, karras_sigmas, nu_guided, sample_gamma
+from .sampling import Stopped, draw_noise, karras_sigmas, nu_guided, sample_gamma
 from .text import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
 MAX_STEPS = 64
 MAX_SEED = 2**63 - 1
+MAX_BATCH = 32  # takes per graph call in generate_variations (ν-guidance doubles the rows: 64, export's maximum)
+DEFAULT_BATCH = 16
 FADE_SECONDS = 0.005  # fade-out where a clip is cut short, so the cut does not click
 
 
@@ -50,9 +54,20 @@ class Timing:
     rtf: float = 0.0
     path: str = "host"  # "fused" | "host" | "stream"
     first_chunk_ms: float | None = None  # stream: time to the first decoded chunk
+    batch: int = 1  # takes sampled together (generate_variations); sample_ms is then the whole batch's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Take:
+    """One take of `Engine.generate_variations`: its seed, mono float32 audio [N] at the engine's sample_rate, and
+    its timing (`total_ms`: from the start of its batch to this take decoded)."""
+
+    seed: int
+    audio: np.ndarray
+    timing: Timing
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,12 @@ class Conditioning:
     tokens: np.ndarray  # [1, L, Dt] float32
     token_mask: np.ndarray  # [1, L] float32
     pooled: np.ndarray  # [1, Dt] float32
+
+    def repeat(self, n: int) -> Conditioning:
+        """The same conditioning for a batch of n rows."""
+        if n == 1:
+            return self
+        return Conditioning(*(np.repeat(a, n, axis=0) for a in (self.tokens, self.token_mask, self.pooled)))
 
 
 class Engine:
@@ -73,7 +94,7 @@ class Engine:
         audio_active: a real-time audio callback shares the machine (no spinning, one core left free).
         prompt_cache: how many prompt embeddings to keep (LRU).
         warmup: run every default-path graph once at load, so the first real call is not slow.
-        int8: use the bundle's INT8 variants (onnxruntime) of the graphs that have one.
+        int8: use the bundle's INT8 variants of the graphs that have one for this backend (never the default).
     """
 
     def __init__(
@@ -128,8 +149,8 @@ class Engine:
         self.tokenizer = PromptTokenizer(self.bundle.path(m["text"]["tokenizer"]), int(m["text"]["max_length"]))
         self._sessions: dict[str, Session] = {}
         self.int8 = int8
-        if int8 and (backend != "onnxruntime" or not m.get("int8")):
-            raise BundleError("INT8 variants need --backend onnxruntime and a bundle exported with --int8")
+        if int8 and not any(backend in v.files for v in self.bundle.spec.int8.values()):
+            raise BundleError(f"this bundle has no INT8 variants for {backend}: re-export it with --int8")
         self._cache: OrderedDict[str, Conditioning] = OrderedDict()
         self._cache_size = prompt_cache
         self.last_timing: Timing | None = None
@@ -137,18 +158,57 @@ class Engine:
             self.warmup()
 
     # Sessions ---------------------------------------------------------------------------------------
-    def session(self, graph: str) -> Session:
-        if graph not in self._sessions:
+    def session(self, graph: str, batch: int = 1) -> Session:
+        """The session of `graph` with its batch dimension pinned to `batch` (static shapes; backends.py).
+
+        One session per graph and batch size, opened on first use and kept (`_sessions[graph]` for batch 1,
+        `_sessions["graph[batch=n]"]` otherwise).
+        """
+        key = graph if batch == 1 else f"{graph}[batch={batch}]"
+        if key not in self._sessions:
             t0 = time.perf_counter()
-            q = (self.bundle.manifest.get("int8") or {}).get(graph) if self.int8 else None
-            if q is not None:
+            q = self.bundle.spec.int8.get(graph) if self.int8 else None
+            if q is not None and self.opts.backend in q.files:
                 from .backends import open_file_session
 
-                self._sessions[graph] = open_file_session(self.bundle.path(q["file"]), self.opts)
+                path = self.bundle.path(q.files[self.opts.backend])
+                w = q.weights.get(self.opts.backend) if path.suffix == ".xml" else None  # ONNX files find their own
+                self._sessions[key] = open_file_session(path, self.opts, self.bundle.path(w) if w else None, batch)
             else:
-                self._sessions[graph] = open_session(self.bundle, graph, self.opts)
-            log.info("loaded %s on %s in %.0f ms", graph, self.opts.backend, 1e3 * (time.perf_counter() - t0))
-        return self._sessions[graph]
+                self._sessions[key] = open_session(self.bundle, graph, self.opts, batch)
+            log.info("loaded %s on %s in %.0f ms", key, self.opts.backend, 1e3 * (time.perf_counter() - t0))
+        return self._sessions[key]
+
+    def fused_takes_batch(self, steps: int) -> bool:
+        """Whether `fused_<steps>` takes a batch of takes (bundles exported before batching take one)."""
+        if not self.has_fused(steps):
+            return False
+        eps = next((i for i in self.bundle.graph(f"fused_{steps}").inputs if i["name"] == "eps_T"), None)
+        return eps is not None and not isinstance(eps["shape"][0], int)
+
+    def load(self, steps: int | None = None, nu: float | None = None, takes: int = 1) -> None:
+        """Open the sessions that `generate(steps=steps, nu=nu)` runs (None: the bundle's defaults), so that the
+        timing of that call is generation alone; with takes > 1, those of `generate_variations(k=takes, ...)`.
+        A session opens on first use and stays open.
+
+        Raises:
+            ValueError: steps or nu out of range.
+            BundleError: a graph file the bundle lacks or cannot load.
+        """
+        p = self.check_params(steps=steps, nu=nu)
+        sizes = sorted(set(_batch_sizes(takes, self._variation_batch()))) if takes > 1 else [1]
+        graphs = [("text_encoder", 1)]
+        decoded = False
+        if self.has_fused(p["steps"]) and p["nu"] == 1.0 and (takes == 1 or self.fused_takes_batch(p["steps"])):
+            graphs += [(f"fused_{p['steps']}", n) for n in sizes]
+            decoded = bool(self.bundle.graph(f"fused_{p['steps']}").attrs.get("decode", False))
+        else:
+            rows = 1 if p["nu"] == 1.0 else 2  # ν-guidance runs the unconditional and conditional rows together
+            graphs += [("student_step", rows * n) for n in sizes]
+        if not decoded and self.mel_decoder is None:
+            graphs.append(("vae_decoder", 1))
+        for g, n in graphs:
+            self.session(g, n)
 
     def has_fused(self, steps: int) -> bool:
         return steps in self.bundle.fused_steps and f"fused_{steps}" in self.bundle.graphs
@@ -251,36 +311,24 @@ class Engine:
         return "; ".join(n for n in notes if n) or None
 
     def _jump(
-        self, cond: Conditioning, uncond: Conditioning | None, omega: float, nu: float, timing: Timing
+        self, cond: Conditioning, uncond: Conditioning | None, omega: float, nu: float, timing: Timing, n: int = 1
     ) -> Callable[[np.ndarray, float, float], np.ndarray]:
-        """The student's jump G_ν(x, t, s) over `student_step`; ν = 1 skips the unconditional pass."""
-        sess = self.session("student_step")
+        """The student's jump G_ν(x, t, s) over `student_step` for n takes x [n, C, T] of one prompt; ν = 1 skips
+        the unconditional pass, otherwise the unconditional and conditional rows run as one batch of 2n."""
+        rows = n if uncond is None else 2 * n
+        sess = self.session("student_step", rows)
+        c = cond.repeat(n) if uncond is None else _stack(uncond.repeat(n), cond.repeat(n))
+        feeds = {"tokens": c.tokens, "token_mask": c.token_mask, "pooled": c.pooled}
+        feeds["omega"] = np.full(rows, omega, np.float32)
 
         def jump(x: np.ndarray, t: float, s: float) -> np.ndarray:
             t0 = time.perf_counter()
-            if uncond is None:
-                feeds = {
-                    "x": x,
-                    "t": np.array([t], np.float32),
-                    "s": np.array([s], np.float32),
-                    "tokens": cond.tokens,
-                    "token_mask": cond.token_mask,
-                    "pooled": cond.pooled,
-                    "omega": np.array([omega], np.float32),
-                }
-                out = sess.run(feeds)[0]
-            else:
-                feeds = {
-                    "x": np.concatenate([x, x]),
-                    "t": np.array([t, t], np.float32),
-                    "s": np.array([s, s], np.float32),
-                    "tokens": np.concatenate([uncond.tokens, cond.tokens]),
-                    "token_mask": np.concatenate([uncond.token_mask, cond.token_mask]),
-                    "pooled": np.concatenate([uncond.pooled, cond.pooled]),
-                    "omega": np.array([omega, omega], np.float32),
-                }
-                both = sess.run(feeds)[0]
-                out = nu_guided(both[:1], both[1:], nu)
+            feeds["x"] = x if uncond is None else np.concatenate([x, x])
+            feeds["t"] = np.full(rows, t, np.float32)
+            feeds["s"] = np.full(rows, s, np.float32)
+            out = sess.run(feeds)[0]
+            if uncond is not None:
+                out = nu_guided(out[:n], out[n:], nu)
             timing.step_ms.append(1e3 * (time.perf_counter() - t0))
             return out
 
@@ -418,6 +466,112 @@ class Engine:
         timing.decode_ms = 1e3 * (time.perf_counter() - t2)
         return audio
 
+    def generate_variations(
+        self,
+        prompt: str,
+        k: int,
+        seed: int = 0,
+        steps: int | None = None,
+        gamma: float | None = None,
+        omega: float | None = None,
+        nu: float | None = None,
+        duration: float | None = None,
+        batch: int | None = None,
+        fused: bool | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[Take]:
+        """K takes of one prompt with seeds seed, seed+1, ..., seed+k-1, sampled `batch` at a time (default 16)
+        as one batch through the graphs; yields each take (in seed order) as soon as it is decoded.
+
+        Take i is `generate(prompt, seed + i, ...)` to float rounding: the same noise and graphs, only the matrix
+        shapes differ. With int8 the default batch is 1: onnxruntime's INT8 graphs quantise the activations of a
+        whole batch with one scale, so in a batch > 1 a take differs from its single render at the INT8 noise
+        level. fused: None runs the fused graph when it exists for the step count, ν = 1 and the bundle
+        exported it with a batch dimension (otherwise the host loop over `student_step`, batched as well); True
+        requires it. should_stop() is polled between steps and between takes; generation then ends quietly.
+
+        Raises:
+            ValueError: a parameter out of range (before any work).
+        """
+        p = self.check_params(steps=steps, gamma=gamma, omega=omega, nu=nu, duration=duration, seed=seed)
+        k = _as_int("variations", k)
+        if k < 1 or p["seed"] + k - 1 > MAX_SEED:
+            raise ValueError(f"variations must be >= 1 with seed + variations - 1 <= 2^63 - 1, got {k}")
+        b = self._variation_batch() if batch is None else _as_int("batch", batch)
+        if not 1 <= b <= MAX_BATCH:
+            raise ValueError(f"batch must be in [1, {MAX_BATCH}], got {b}")
+        can_fuse = self.fused_takes_batch(p["steps"]) and p["nu"] == 1.0
+        if fused and not can_fuse:
+            raise ValueError(
+                f"no batched fused graph for steps={p['steps']}, nu={p['nu']} in this bundle "
+                f"(fused: {self.bundle.fused_steps}, nu = 1 only, exported with a batch dimension)"
+            )
+        use_fused = can_fuse and fused is not False
+        first = p["seed"]
+        for n in _batch_sizes(k, b):
+            t_batch = time.perf_counter()
+            timing = Timing(path="fused" if use_fused else "host", batch=n)
+            t0 = time.perf_counter()
+            cond = self.encode_prompt(prompt)
+            uncond = self.encode_prompt("") if p["nu"] != 1.0 else None
+            timing.text_ms = 1e3 * (time.perf_counter() - t0)
+            seeds = list(range(first, first + n))
+            first += n
+            noise = [draw_noise(sd, self.latent_shape, p["steps"]) for sd in seeds]
+            eps_T = np.concatenate([e for e, _ in noise])  # [n, C, T]
+            noises = [np.concatenate([ns[i] for _, ns in noise]) for i in range(p["steps"] - 1)]
+            t1 = time.perf_counter()
+            audio_batch: np.ndarray | None = None
+            if use_fused:
+                latent, audio_batch = self._fused_batch(cond, eps_T, noises, p)
+            else:
+                sigmas = karras_sigmas(p["steps"] + 1, self.sigma_min, self.sigma_max, self.rho)
+                jump = self._jump(cond, uncond, p["omega"], p["nu"], timing, n)
+                try:
+                    latent = sample_gamma(
+                        jump, eps_T, sigmas, p["gamma"], noises, self.sigma_min, should_stop=should_stop
+                    )
+                except Stopped:
+                    return
+            timing.sample_ms = 1e3 * (time.perf_counter() - t1)
+            for i, sd in enumerate(seeds):
+                if should_stop is not None and should_stop():
+                    return
+                t2 = time.perf_counter()
+                audio = audio_batch[i] if audio_batch is not None else self.decode(latent[i : i + 1])
+                audio = soft_limit(self._trim(audio, p["duration"]))
+                t = Timing(**{**timing.to_dict(), "step_ms": list(timing.step_ms)})
+                t.decode_ms = 1e3 * (time.perf_counter() - t2)
+                t.total_ms = 1e3 * (time.perf_counter() - t_batch)
+                t.audio_seconds = len(audio) / self.sample_rate
+                t.rtf = t.total_ms / 1e3 / t.audio_seconds
+                self.last_timing = t
+                yield Take(sd, audio, t)
+
+    def _variation_batch(self) -> int:
+        """generate_variations' default batch: 16, or 1 for onnxruntime's INT8 graphs (their docstring)."""
+        return 1 if self.int8 and self.opts.backend == "onnxruntime" else DEFAULT_BATCH
+
+    def _fused_batch(
+        self, cond: Conditioning, eps_T: np.ndarray, noises: list[np.ndarray], p: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One call of `fused_<steps>` on n takes: (latents [n, C, T], audio [n, N] when decode is fused, or None)."""
+        n = eps_T.shape[0]
+        name = f"fused_{p['steps']}"
+        c = cond.repeat(n)
+        feeds = {
+            "eps_T": eps_T,
+            "tokens": c.tokens,
+            "token_mask": c.token_mask,
+            "pooled": c.pooled,
+            "omega": np.array([p["omega"]], np.float32),
+            "gamma": np.array([p["gamma"]], np.float32),
+        }
+        if p["steps"] > 1:
+            feeds["noise"] = np.stack(noises)  # [steps - 1, n, C, T]
+        outs = self.session(name, n).run(feeds)
+        return outs[0], (outs[1] if self.bundle.graph(name).attrs.get("decode", False) else None)
+
     def stream(
         self,
         prompt: str,
@@ -475,6 +629,23 @@ class Engine:
         return _fade_out(audio[:n].astype(np.float32, copy=True), int(FADE_SECONDS * self.sample_rate))
 
 
+def _batch_sizes(k: int, batch: int) -> list[int]:
+    """k takes in ceil(k / batch) batches of near-equal size (at most two distinct sizes, so two sessions)."""
+    n = math.ceil(k / batch)
+    q, r = divmod(k, n)
+    return [q + 1] * r + [q] * (n - r)
+
+
+def _stack(a: Conditioning, b: Conditioning) -> Conditioning:
+    """Rows of a, then rows of b."""
+    return Conditioning(
+        *(
+            np.concatenate([x, y])
+            for x, y in zip((a.tokens, a.token_mask, a.pooled), (b.tokens, b.token_mask, b.pooled), strict=True)
+        )
+    )
+
+
 def _fade_out(audio: np.ndarray, n: int) -> np.ndarray:
     n = min(n, len(audio))
     if n > 0:
@@ -506,7 +677,7 @@ def _as_int(name: str, v: Any) -> int:
     return int(f)
 
 
-__all__ = ["BundleError", "Engine", "Timing"]
+__all__ = ["BundleError", "Engine", "Take", "Timing"]
 
 
 def _openvino_cache(bundle: Bundle) -> str | None:

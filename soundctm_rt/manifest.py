@@ -284,16 +284,39 @@ def _io_list(v: Any, name: str, where: str) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Int8Variant:
-    """An INT8 copy of a graph (onnxruntime only) and its measured loss against the float graph."""
+    """An INT8 copy of a graph and its measured loss against the float graph.
 
-    file: str
+    `files` maps a backend to the variant's graph file and `weights` to the shared weights file it reads; bundles
+    made before per-backend variants name one onnxruntime graph in `file` (read as files = {onnxruntime: file}).
+    """
+
+    files: dict[str, str]
+    weights: dict[str, str]
     quality: dict[str, Any]
+
+    @property
+    def file(self) -> str:
+        """The onnxruntime variant (every bundle with INT8 variants has one)."""
+        return self.files["onnxruntime"]
+
+    def referenced_files(self) -> list[str]:
+        return [*self.files.values(), *self.weights.values()]
 
     @classmethod
     def from_dict(cls, graph: str, v: Any, where: str) -> Int8Variant:
-        d = _obj(v, f"int8.{graph}", where)
-        rel = _rel_path(_need(d, "file", f"int8.{graph}", where), f"int8.{graph}.file", where)
-        return cls(rel, _obj(d.get("quality", {}), f"int8.{graph}.quality", where))
+        sec = f"int8.{graph}"
+        d = _obj(v, sec, where)
+        if "files" in d:
+            files = _path_map(d["files"], f"{sec}.files", where)
+        else:
+            files = {"onnxruntime": _rel_path(_need(d, "file", sec, where), f"{sec}.file", where)}
+        if "onnxruntime" not in files:
+            raise _corrupt(where, f"'{sec}.files' has no onnxruntime variant")
+        return cls(
+            files=files,
+            weights=_path_map(d.get("weights", {}), f"{sec}.weights", where),
+            quality=_obj(d.get("quality", {}), f"{sec}.quality", where),
+        )
 
 
 @dataclass(frozen=True)
@@ -422,7 +445,7 @@ class Manifest:
                 raise _corrupt(where, f"'int8' has a variant of '{graph}', which is not one of its graphs")
         named = [(rel, f"graph '{g.name}'") for g in self.graphs.values() for rel in g.referenced_files()]
         named += [(self.text.tokenizer, "the text tokenizer")]
-        named += [(q.file, f"the INT8 variant of '{g}'") for g, q in self.int8.items()]
+        named += [(rel, f"the INT8 variant of '{g}'") for g, q in self.int8.items() for rel in q.referenced_files()]
         if self.known_prompts is not None:
             kp = self.known_prompts
             named += [(kp.file, "the known prompts"), (kp.embeddings, "the known prompts' embeddings")]

@@ -1,12 +1,11 @@
 """Intensity control (METHOD §6): the intensity against a direct numpy computation, target curves and their
-errors, both methods on the tiny random model, `generate --intensity` and `eval-control` end to end. One thread."""
+errors, both methods on the tiny random model, `control generate` and `eval-control` end to end. One thread."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,14 +223,14 @@ def run(*args):
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-def test_generate_with_intensity(tiny, tmp_path):
+def test_control_generate(tiny, tmp_path):
     import soundfile as sf
 
     _, path, *_ = tiny
     (tmp_path / "c.json").write_text(json.dumps([[0, -50], [0.2, -20]]))
     r = run(
-        "generate", "a dog barking", "--intensity", tmp_path / "c.json", "--checkpoint", path, "-o", tmp_path / "s",
-        "--variations", 2, "--threads", 1, "--json", "--duration", 0.25,
+        "control", "generate", "a dog barking", "--intensity", tmp_path / "c.json", "--checkpoint", path,
+        "-o", tmp_path / "s", "--variations", 2, "--threads", 1, "--json", "--duration", 0.25,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in r.stdout.splitlines()]
@@ -240,36 +239,34 @@ def test_generate_with_intensity(tiny, tmp_path):
     assert sr == 44100 and len(audio) == round(0.25 * 44100) and np.abs(audio).max() > 0
 
 
-def test_generate_intensity_errors(tiny, tmp_path, monkeypatch):
-    from soundctm_rt.train import control_cli
+def test_control_generate_errors(tiny, tmp_path):
     from typer.testing import CliRunner
 
     from soundctm_rt.cli import app
 
     _, path, *_ = tiny
     out = ["-o", str(tmp_path / "x.wav"), "--threads", "1"]
-    cases = [
-        (["--intensity", "crescendo", "--checkpoint", str(path)], "neither a preset"),
-        (["--intensity", "swell", "--checkpoint", str(path), "--control", "guidance", "--steps", "1"], "--steps 2"),
-        (["--intensity", "swell", "--checkpoint", str(path), "--gamma", "0.5"], "γ = 0"),
-        (["--intensity", "swell", "--checkpoint", str(path), "--control", "magic"], "noise-opt or guidance"),
-        (["--intensity", "swell", "--checkpoint", str(tmp_path / "none.safetensors")], "does not exist"),
-        (["--intensity", "swell", "--checkpoint", str(path), "--bundle", str(tmp_path)], "do not apply"),
-        (["--checkpoint", str(path)], "only apply with --intensity"),
-        (["--control-strength", "2"], "only apply with --intensity"),
-        (["--intensity", "swell", "--checkpoint", str(path), "--control-strength", "0"], "(0, 10]"),
+    ckpt = ["--checkpoint", str(path)]
+    usage = [  # exit 2: values the command refuses
+        (["--intensity", "crescendo", *ckpt], "neither a preset"),
+        (["--intensity", "swell", *ckpt, "--control", "guidance", "--steps", "1"], "--steps 2"),
+        (["--intensity", "swell", *ckpt, "--gamma", "0.5"], "γ = 0"),
+        (["--intensity", "swell", *ckpt, "--control", "magic"], "noise-opt or guidance"),
+        (["--intensity", "swell", *ckpt, "--control-strength", "0"], "(0, 10]"),
+        (["--intensity", "swell"], "--checkpoint"),  # no default: the checkpoint is named
     ]
     runner = CliRunner()
-    for args, msg in cases:
-        r = runner.invoke(app, ["generate", "x", *out, *args])
+    for args, msg in usage:
+        r = runner.invoke(app, ["control", "generate", "x", *out, *args])
         assert r.exit_code == 2 and msg in r.output, (args, r.output)
-    monkeypatch.setattr(control_cli, "default_checkpoint_path", lambda: None)
-    r = runner.invoke(app, ["generate", "x", *out, "--intensity", "swell"])
-    assert r.exit_code == 2 and "--checkpoint PATH" in r.output
-    default = control_cli.default_checkpoint_path
-    monkeypatch.undo()
-    found = default()
-    assert found is None or found == Path(control_cli.__file__).resolve().parent.parent / control_cli.REPO_CHECKPOINT
+    # exit 1: a failure while doing it
+    missing = ["--checkpoint", str(tmp_path / "none.safetensors")]
+    r = runner.invoke(app, ["control", "generate", "x", *out, "--intensity", "swell", *missing])
+    assert r.exit_code == 1 and "does not exist" in r.output, r.output
+    assert not (tmp_path / "x.wav").exists()
+    # the runtime's generate has no torch path
+    r = runner.invoke(app, ["generate", "x", *out, "--intensity", "swell", *ckpt])
+    assert r.exit_code == 2 and "--intensity" in r.output
 
 
 def test_eval_control_end_to_end(tiny, distill_dataset, tmp_path):  # noqa: F811 - fixture

@@ -15,7 +15,7 @@ import pytest
 
 from soundctm_rt.daemon.client import OscClient
 from soundctm_rt.daemon.mixer import Mixer, Voice
-from soundctm_rt.daemon.ring import Ring
+from soundctm_rt.daemon.rtmix import SlotTable
 from soundctm_rt.daemon.server import Daemon, DaemonConfig
 
 DONE_OR_FAIL = ("/soundctm/done", "/soundctm/fail")
@@ -130,12 +130,13 @@ def test_render_names_are_refused_before_any_work(gated, name: str, reason: str)
 
 
 def test_a_first_sample_time_before_its_mixing_is_flagged_not_published() -> None:
-    """A DAC time (mapped to perf_counter) earlier than the moment the sample was mixed is the clock mapping's
-    error (a non-realtime JACK after a flood gave -23.74 ms): it is reported as nan and counted."""
-    ring = Ring(1024, 2)
+    """A DAC time (mapped to perf_counter) earlier than the moment the voice reached the mixer is the clock
+    mapping's error (a non-realtime JACK after a flood gave -23.74 ms): it is reported as nan and counted."""
+    table = SlotTable(8, 2, 48000, 240)
+    table.warmup()
     started: list[float] = []
     skew = [0.0]
-    mixer = Mixer(ring, 48000, 256, 256, lambda t: t + skew[0], on_started=lambda v, ms: started.append(ms))
+    mixer = Mixer(table, 48000, lambda t: t + skew[0], on_started=lambda v, ms: started.append(ms))
 
     def play(t_receipt_ago: float) -> None:
         import time
@@ -144,12 +145,11 @@ def test_a_first_sample_time_before_its_mixing_is_flagged_not_published() -> Non
         v = Voice(1, time.perf_counter() - t_receipt_ago)
         v.push(np.ones(300, dtype=np.float32))
         v.close()
-        mixer.add(v)
+        assert mixer.add(v)
         out = np.zeros((256, 2), dtype=np.float32)
         for _ in range(8):  # callbacks until the voice's first sample has been played
-            mixer.step()
             now = time.perf_counter()
-            ring.read_into(out, 0, now, now)  # the callback: DAC time = now on the stream clock
+            table.render(out, 0, now, now)  # the callback: DAC time = now on the stream clock
             mixer.step()
             if len(started) > n:
                 return

@@ -63,13 +63,12 @@ def test_first_noise_does_not_depend_on_step_count():
 
 def test_nu_one_skips_the_unconditional_pass(tiny_bundle):
     eng = Engine(tiny_bundle, warmup=False)
-    counting = CountingSession(eng.session("student_step"))
-    eng._sessions["student_step"] = counting
+    one = eng._sessions["student_step"] = CountingSession(eng.session("student_step"))
+    two = eng._sessions["student_step[batch=2]"] = CountingSession(eng.session("student_step", 2))
     eng.generate("a dog barking", steps=3, nu=1.0)
-    assert counting.batches == [1, 1, 1]
-    counting.batches.clear()
+    assert one.batches == [1, 1, 1] and two.batches == []
     eng.generate("a dog barking", steps=2, nu=2.0)
-    assert counting.batches == [2, 2]
+    assert one.batches == [1, 1, 1] and two.batches == [2, 2]  # the ν-guided pair runs as one static batch of 2
 
 
 def test_nu_guidance_combines_both_passes(tiny_bundle):
@@ -176,3 +175,103 @@ def test_truncation_warning_names_where_the_prompt_is_cut(tiny_engine):
     kept = int(note.split("the first ")[1].split(" of ")[0])
     assert 0 < kept < len(LONG_PROMPT) and "thunder rolls far away" in note  # the tail it does not read
     assert note in (tiny_engine.prompt_warning(LONG_PROMPT) or "")  # what the CLI prints and /warn carries
+
+
+# Variations: K takes of one prompt as batches -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("steps", "nu", "fused", "path"),
+    [
+        (1, 1.0, None, "fused"),
+        (2, 1.0, None, "fused"),
+        (2, 1.0, False, "host"),
+        (3, 1.0, None, "host"),
+        (2, 2.0, None, "host"),
+    ],
+)
+def test_variations_are_the_single_takes(engine, steps, nu, fused, path):
+    """Take i of a batch is generate(seed + i): same noise, same graphs, only the batch shapes differ."""
+    takes = list(
+        engine.generate_variations("a dog barking", 5, seed=3, steps=steps, nu=nu, gamma=0.5, batch=2, fused=fused)
+    )
+    assert [t.seed for t in takes] == [3, 4, 5, 6, 7]
+    assert [t.timing.batch for t in takes] == [2, 2, 2, 2, 1]  # ceil(5 / 2) = 3 batches of near-equal size
+    assert {t.timing.path for t in takes} == {path}
+    for t in takes:
+        ref, _ = engine.generate("a dog barking", seed=t.seed, steps=steps, nu=nu, gamma=0.5, fused=fused)
+        scale = float(np.abs(ref).max())
+        assert scale > 0 and t.audio.dtype == np.float32
+        np.testing.assert_allclose(t.audio, ref, atol=1e-5 * scale)
+
+
+def test_variations_run_each_batch_in_one_call(tiny_bundle):
+    eng = Engine(tiny_bundle, warmup=False)
+    sizes = []
+    for n in (3, 4):
+        key = f"fused_1[batch={n}]"
+        eng._sessions[key] = CountingSession(eng.session("fused_1", n))
+        sizes.append(eng._sessions[key])
+    takes = list(eng.generate_variations("rain", 7, steps=1, batch=4))
+    assert len(takes) == 7 and sizes[0].batches == [3] and sizes[1].batches == [4]  # 7 = 4 + 3
+    host = eng._sessions["student_step[batch=4]"] = CountingSession(eng.session("student_step", 4))
+    list(eng.generate_variations("rain", 4, steps=3))  # no fused_3: the host loop, one batch of 4 per step
+    assert host.batches == [4, 4, 4]
+
+
+def test_variations_yield_takes_as_they_are_decoded_and_stop(tiny_bundle):
+    eng = Engine(tiny_bundle, warmup=False)
+    gen = eng.generate_variations("rain", 4, seed=10, steps=2)
+    first = next(gen)
+    assert first.seed == 10 and eng.last_timing is first.timing and first.timing.total_ms > 0
+    stop = {"now": False}
+    got = []
+    for take in eng.generate_variations("rain", 4, seed=10, steps=2, should_stop=lambda: stop["now"]):
+        got.append(take.seed)
+        stop["now"] = True
+    assert got == [10]
+    short = list(eng.generate_variations("rain", 2, steps=1, duration=0.1))
+    assert all(len(t.audio) == round(0.1 * eng.sample_rate) for t in short)
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        ({"k": 0}, "variations must be >= 1"),
+        ({"k": 2, "batch": 0}, "batch must be in"),
+        ({"k": 2, "batch": 33}, "batch must be in"),
+        ({"k": 2, "seed": 2**63 - 1}, "variations must be"),
+        ({"k": 2, "steps": 99}, "steps must be in"),
+        ({"k": 2, "steps": 3, "fused": True}, "no batched fused graph"),
+    ],
+)
+def test_variations_refuse_bad_parameters_before_any_work(tiny_engine, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        next(tiny_engine.generate_variations("rain", **kw))
+
+
+def test_bundles_with_single_take_fused_graphs_batch_on_the_host(tiny_source, tmp_path):
+    """Fused graphs exported for one take (as before batching): variations run the host loop, batched."""
+    from soundctm_rt.export.pipeline import ExportOptions, export_bundle
+
+    out = export_bundle(
+        tiny_source, tmp_path / "b", ExportOptions(steps=(1,), openvino=False, batched_fused=False, cpu_fusion=False)
+    )
+    eng = Engine(out, warmup=False)
+    assert eng.bundle.graph("fused_1").inputs[0]["shape"][0] == 1 and not eng.fused_takes_batch(1)
+    takes = list(eng.generate_variations("rain", 3, seed=1, steps=1))
+    assert {t.timing.path for t in takes} == {"host"}
+    for t in takes:
+        ref, _ = eng.generate("rain", seed=t.seed, steps=1)  # the fused graph, one take
+        np.testing.assert_allclose(t.audio, ref, atol=1e-4 * float(np.abs(ref).max()))
+    with pytest.raises(ValueError, match="no batched fused graph"):
+        next(eng.generate_variations("rain", 2, steps=1, fused=True))
+
+
+def test_sessions_pin_the_batch(tiny_bundle):
+    """Each session is opened for one batch size (static shapes): a batch of 2 runs in its own session."""
+    eng = Engine(tiny_bundle, warmup=False)
+    eng.generate("rain", steps=2, nu=2.0)
+    assert {"text_encoder", "student_step[batch=2]"} <= set(eng._sessions)
+    eng.load(steps=1, takes=35)  # 35 takes in batches of at most 16: 12 + 12 + 11
+    assert {"fused_1[batch=12]", "fused_1[batch=11]"} <= set(eng._sessions)

@@ -60,7 +60,10 @@ def test_probe_nn_similarity_and_ci():
     sim = ev.nn_similarity(x[:3], x)
     np.testing.assert_allclose(sim, 1.0)
     ci = ev.mean_ci([1.0, 2.0, 3.0])
-    assert ci["mean"] == 2.0 and ci["ci95"] == pytest.approx([2 - 4.303 / np.sqrt(3), 2 + 4.303 / np.sqrt(3)])
+    assert ci["mean"] == 2.0 and ci["ci95"] == pytest.approx([2 - 4.303 / np.sqrt(3), 2 + 4.303 / np.sqrt(3)], abs=1e-3)
+    twelve = ev.mean_ci([0.0, 2.0] * 6)  # df = 11, past the end of a printed table: t = 2.201
+    half = 2.201 * np.std([0.0, 2.0] * 6, ddof=1) / np.sqrt(12)
+    assert twelve["ci95"] == pytest.approx([1 - half, 1 + half], abs=1e-3)
     assert ev.mean_ci([1.0])["ci95"] is None
 
 

@@ -41,6 +41,14 @@ def live(tiny_bundle):
         yield port, reply_port
 
 
+@pytest.fixture(scope="module")
+def live_audio(tiny_bundle, tmp_path_factory):
+    """A daemon with a software audio clock (--output FILE.wav, no sound card needed): time tags take effect."""
+    wav = tmp_path_factory.mktemp("examples") / "session.wav"
+    with serve_process(["--bundle", str(tiny_bundle), "--output", str(wav)]) as (port, _):
+        yield port
+
+
 def _read_until(proc: subprocess.Popen, needle: str, timeout: float) -> str:
     try:
         return wait_for_line(proc, needle, timeout)
@@ -95,6 +103,8 @@ def test_pure_data_patch(live) -> None:
             "soundctm generate gritty 808 snare 7 1",
             "-send",
             "soundctm generate bad -5",
+            "-send",
+            "soundctm set latency 50",  # the patch's constant-latency message
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -104,22 +114,25 @@ def test_pure_data_patch(live) -> None:
         wait_for_line(pd, "soundctm-reply: soundctm pong", 20)
         fail = wait_for_line(pd, "soundctm-reply: soundctm fail", 20)
         assert "generate" in fail and "range" in fail
+        wait_for_line(pd, "soundctm-reply: soundctm ack", 20)  # set latency 50
         done = wait_for_line(pd, "soundctm-reply: soundctm done", 30)
         assert float(done.split()[4]) > 0  # latency_ms
     finally:
         stop_process(pd)
 
 
-def test_supercollider_script(live) -> None:
+def test_supercollider_script(live_audio) -> None:
+    """The script sends time-tagged bundles (and one already late) to a daemon with an audio clock."""
     _need("sclang", "supercollider-language")
-    port, _ = live
+    port = live_audio
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "QTWEBENGINE_DISABLE_SANDBOX": "1"}
     r = subprocess.run(
         ["sclang", str(EXAMPLES / "soundctm.scd"), str(port)], capture_output=True, text=True, timeout=90, env=env
     )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
-    assert "pong" in out and out.count("done id") >= 3 and "\nfail " not in out, out[-3000:]
+    assert "pong" in out and out.count("done id") >= 7 and "\nfail " not in out, out[-3000:]
+    assert out.count("late id") == 1, out[-3000:]  # the bundle tagged 50 ms in the past, and only that one
 
 
 def _max_messages() -> list[list[object]]:

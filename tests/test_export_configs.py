@@ -46,6 +46,28 @@ def test_full_size_config_exports(name, tmp_path):
     )
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["name"] == name and m["graphs"]["student_step"]["attrs"]["flops"] > 0
+    depth = m["model"]["config"]["dit"]["depth"]
+    for graph in ("student_step", "fused_1"):
+        assert m["graphs"][graph]["attrs"]["cpu_fusion"] == {"gelu": depth, "attention": 2 * depth}
+
+
+@pytest.mark.parametrize("name", available_configs())
+def test_cpu_fusion_covers_every_architecture(name, tmp_path):
+    """Every GELU and attention of each config's student step matches export/cpu_fusion.py's patterns (a
+    config whose graph the exporter writes differently would silently lose the fused operators)."""
+    from soundctm_rt.export.cpu_fusion import fuse_file
+    from soundctm_rt.export.onnx_io import export_onnx
+    from soundctm_rt.export.wrappers import StudentStepExport
+
+    cfg = load_model_config(name)
+    src = init_random(cfg)
+    C, T, L, D = cfg.latent_channels, cfg.dit.latent_frames, cfg.text.max_length, src.text.hidden_size
+    args = (torch.randn(1, C, T), torch.tensor([5.0]), torch.tensor([0.5]), torch.randn(1, L, D), torch.ones(1, L))
+    args += (torch.randn(1, D), torch.tensor([3.5]))
+    names = ["x", "t", "s", "tokens", "token_mask", "pooled", "omega"]
+    path = tmp_path / "student_step.onnx"
+    export_onnx(StudentStepExport(src.student), args, path, names, ["x_s"], dict.fromkeys(names, 0))
+    assert fuse_file(path) == {"gelu": cfg.dit.depth, "attention": 2 * cfg.dit.depth}
 
 
 def test_parity_gate_refuses_an_export_above_tolerance(tiny_source, tmp_path):

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from soundctm_rt.daemon.osc import OscError, decode_message, decode_packet, encode_message
+from soundctm_rt.daemon.clock import ntp_to_unix, unix_to_ntp
+from soundctm_rt.daemon.osc import (
+    IMMEDIATELY,
+    OscError,
+    decode_message,
+    decode_packet,
+    encode_bundle,
+    encode_message,
+    is_immediate,
+)
 
 FIX = Path(__file__).parent / "fixtures" / "osc"
 
@@ -70,6 +79,40 @@ def test_bundle_flattens_in_order() -> None:
         + inner
     )
     assert [m.address for m in decode_packet(data)] == ["/a", "/b"]
+
+
+def test_each_message_carries_its_bundles_time_tag() -> None:
+    a, b, c = encode_message("/a"), encode_message("/b"), encode_message("/c")
+    t, later = 3_900_000_000 << 32, (3_900_000_000 << 32) + (1 << 31)  # 2023-08-01, and half a second after
+    got = decode_packet(encode_bundle(t, a, encode_bundle(IMMEDIATELY, b), encode_bundle(later, c)))
+    assert [(m.address, m.timetag) for m in got] == [("/a", t), ("/b", t), ("/c", later)]
+    assert decode_message(a).timetag == IMMEDIATELY and decode_packet(a)[0].timetag == IMMEDIATELY
+    assert decode_packet(encode_bundle(0, a))[0].timetag == IMMEDIATELY  # 0 is read as "immediately" too
+    assert is_immediate(0) and is_immediate(1) and not is_immediate(t)
+
+
+def test_golden_sclang_bundle_with_latency() -> None:
+    """sclang's `NetAddr.sendBundle(0.25, ...)`, captured at Unix time 1796135501.3911: tagged 0.25 s ahead."""
+    got = decode_packet(golden("sclang_bundle_0.25s"))
+    assert [(m.address, m.args[:1]) for m in got] == [("/soundctm/trigger", ("kick drum",)), ("/soundctm/stop", ())]
+    assert got[0].timetag == got[1].timetag == struct.unpack_from(">Q", golden("sclang_bundle_0.25s"), 8)[0]
+    ahead = ntp_to_unix(got[0].timetag, now=1796135501.3911) - 1796135501.3911
+    assert 0.24 < ahead < 0.251
+
+
+def test_ntp_time_tags_match_python_osc_and_cross_the_2036_wrap() -> None:
+    from pythonosc.osc_bundle_builder import OscBundleBuilder
+    from pythonosc.osc_message_builder import OscMessageBuilder
+
+    t = 1_796_135_501.123456
+    b = OscBundleBuilder(t)
+    b.add_content(OscMessageBuilder("/x").build())
+    (m,) = decode_packet(b.build().dgram)
+    assert abs(ntp_to_unix(m.timetag, now=t) - t) < 1e-6
+    assert unix_to_ntp(t) >> 32 == m.timetag >> 32
+    wrap = 2_085_978_496.0  # 2036-02-07T06:28:16Z: NTP seconds wrap to 0
+    for u in (wrap - 0.5, wrap + 0.5):
+        assert abs(ntp_to_unix(unix_to_ntp(u), now=wrap) - u) < 1e-6
 
 
 @pytest.mark.parametrize(

@@ -1,68 +1,102 @@
-"""The SPSC ring: integrity under a concurrent writer and reader, starvation counting, the DAC-time log, and the
-streaming resampler's continuity across chunks."""
+"""The channels into the compiled callback: a streaming voice's samples under a concurrent producer, gap and
+underrun counting, the frame grid under jittered and jumping DAC stamps, and the streaming resampler's
+continuity across chunks."""
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
 
 from soundctm_rt.daemon.mixer import StreamResampler, resample
-from soundctm_rt.daemon.ring import Ring, next_pow2
+from soundctm_rt.daemon.rtmix import SlotTable
+
+SR = 48000
 
 
-def test_capacity_is_power_of_two() -> None:
-    assert next_pow2(1) == 1 and next_pow2(1000) == 1024 and next_pow2(1024) == 1024
-    assert Ring(1000, 2).capacity == 1024
+def _table(slots: int = 4, channels: int = 1) -> SlotTable:
+    t = SlotTable(slots, channels, SR, 240)
+    t.warmup()
+    return t
 
 
-def test_concurrent_writer_and_reader_see_every_frame_in_order() -> None:
-    ring = Ring(256, 2)
-    ring.warmup()
+def test_concurrent_producer_and_callback_see_every_sample_in_order() -> None:
+    table = _table()
     total = 50_000
-    got = np.zeros((total, 2), dtype=np.float32)
-    src = np.stack([np.arange(total, dtype=np.float32)] * 2, axis=1)
+    src = np.arange(1, total + 1, dtype=np.float32) / 65536  # exact, in (0, 1]: a zero in the output is a gap
+    buf = np.zeros(total, dtype=np.float32)
+    s = table.free_slot()
+    table.arm(s, 1, buf, 0, False, (1.0, 1.0, 1.0), math.nan, math.nan)
 
-    def writer() -> None:
+    def producer() -> None:
         i = 0
         while i < total:
-            i += ring.write(src[i : min(total, i + 97)])
+            n = min(97, total - i)
+            i += table.push(s, buf, i, src[i : i + n])
+        table.close(s)
 
-    t = threading.Thread(target=writer)
+    t = threading.Thread(target=producer)
     t.start()
-    out = np.zeros((64, 2), dtype=np.float32)
-    pos = 0
-    while pos < total:
-        before = ring.counters()["starved_frames"]
-        ring.read_into(out, 0, 0.0, 0.0)
-        n = 64 - (ring.counters()["starved_frames"] - before)
-        k = min(n, total - pos)
-        got[pos : pos + k] = out[:k]
-        assert not out[n:].any(), "starved part must be zero-filled"
-        pos += n
+    out = np.zeros((64, 1), dtype=np.float32)
+    got = []
+    while table.state(s) != 2:  # DONE
+        table.render(out, 0, 0.0, 0.0)
+        got.append(out[:, 0].copy())
     t.join()
-    np.testing.assert_array_equal(got, src)
+    played = np.concatenate(got)
+    np.testing.assert_array_equal(played[played != 0], src)
+    c = table.counters()
+    # Pauses while the producer lagged; the wait before the first sample is not a gap (a voice starts with it).
+    nz = np.flatnonzero(played)
+    inner_zeros = np.count_nonzero(played[nz[0] : nz[-1]] == 0)
+    assert c["voice_gaps"] == c["starved_callbacks"] and c["starved_frames"] >= inner_zeros
 
 
-def test_starvation_and_underrun_are_counted_separately() -> None:
-    ring = Ring(64, 1)
-    ring.write(np.ones((10, 1), dtype=np.float32))
+def test_gaps_and_underruns_are_counted_separately() -> None:
+    table = _table()
+    buf = np.ones(100, dtype=np.float32)
+    s = table.free_slot()
+    table.arm(s, 1, buf, 10, False, (1.0, 1.0, 1.0), math.nan, math.nan)  # 10 of 100 samples ready
     out = np.full((16, 1), 7.0, dtype=np.float32)
-    ring.read_into(out, 0x4, 1.0, 1.5)  # the device flagged paOutputUnderflow
+    table.render(out, 0x4, 1.0, 1.5)  # the device flagged paOutputUnderflow
     assert out[:10].sum() == 10 and not out[10:].any()
-    c = ring.counters()
-    assert c == {"callbacks": 1, "underruns": 1, "starved_callbacks": 1, "starved_frames": 6}
+    c = table.counters()
+    assert (c["callbacks"], c["underruns"], c["starved_callbacks"], c["starved_frames"], c["voice_gaps"]) == (
+        1,
+        1,
+        1,
+        6,
+        1,
+    )
 
 
-def test_dac_time_of_a_frame() -> None:
-    ring = Ring(1024, 1)
+def test_a_closed_voice_ends_without_counting_a_gap() -> None:
+    table = _table()
+    s = table.free_slot()
+    table.arm(s, 1, np.ones(10, dtype=np.float32), 10, True, (1.0, 1.0, 1.0), math.nan, math.nan)
+    out = np.zeros((16, 1), dtype=np.float32)
+    table.render(out, 0, 0.0, 0.0)
+    assert table.state(s) == 2 and table.counters()["voice_gaps"] == 0 and out.sum() == 10
+
+
+def test_the_grid_is_the_earliest_stamp_and_a_jump_moves_it() -> None:
+    """PortAudio stamps a callback when it runs, a few frames after its cycle began: the grid keeps the earliest
+    phase; a stamp a whole block off is a jump (an xrun) and the grid moves there."""
+    table = _table()
     out = np.zeros((256, 1), dtype=np.float32)
-    ring.write(np.zeros((600, 1), dtype=np.float32))
-    ring.read_into(out, 0, 10.0, 10.01)
-    ring.read_into(out, 0, 10.00533, 10.01533)
-    assert ring.dac_time_of(300, 48000.0) == 10.01533 + 44 / 48000.0
-    assert ring.dac_time_of(0, 48000.0) == 10.01
-    assert ring.dac_time_of(512, 48000.0) is None  # not read yet
+    late = [3, 1, 2, 0, 5, 27, 2, 0, 4]  # frames after the cycle start, as seen on a JACK dummy clock
+    for k, d in enumerate(late):
+        table.render(out, 0, 0.0, 10.0 + (k * 256 + d) / SR)
+    grid = table.log_grid[: len(late)]
+    np.testing.assert_allclose(grid[4:], 10.0 + np.arange(4, len(late)) * 256 / SR, atol=1e-12)
+    assert table.counters()["clock_jumps"] == 0
+    assert abs(table.dac_jitter_max() - 27 / SR) < 1e-12
+    k = len(late)
+    table.render(out, 0, 0.0, 10.0 + (k * 256 + 256 + 1) / SR)  # a skipped cycle
+    table.render(out, 0, 0.0, 10.0 + ((k + 1) * 256 + 256) / SR)
+    assert table.counters()["clock_jumps"] == 1
+    assert table.log_grid[k + 1] == 10.0 + ((k + 1) * 256 + 256) / SR
 
 
 def test_resampler_chunks_equal_whole_and_keep_a_sine() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Prepare data and train the VAE, the EDM teacher and the CTM student.", no_args_is_help=True)
 
 # ----------------------------------------------------------------------------------------------------------
-# Issue 3: data preparation, VAE and EDM teacher (train/data.py, train/vae_train.py, train/teacher_train.py).
+# Data preparation, VAE and EDM teacher (train/data.py, train/vae_train.py, train/teacher_train.py).
 
 _CONFIG = typer.Option("cpu", "--config", "-c", help="config name (tiny, cpu, gpu) or path to a TOML file")
 _DATA = typer.Option(..., "--data", help="prepared dataset directory (`train prepare`)")
@@ -33,10 +32,6 @@ _MAX_STEPS = typer.Option(None, "--max-steps", help="stop after this step (the l
 _RESUME = typer.Option(False, "--resume", help="continue from the run directory's last checkpoint")
 _DRY = typer.Option(False, "--dry-run", help="print the resolved config and exit")
 _THREADS = typer.Option(None, "--threads", help="torch intra-op threads per process (default: torch's choice)")
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
 @contextlib.contextmanager
@@ -67,11 +62,17 @@ def _read_names(path: Path | None, option: str) -> tuple[str, ...]:
 
 @app.command()
 def prepare(
-    audio: list[Path] = typer.Option(None, "--audio", help="folder of audio (repeatable; default: ../shared/data)"),
+    audio: list[Path] = typer.Option(None, "--audio", help="folder of audio (repeatable)"),
     captions: list[Path] = typer.Option(
         None,
         "--captions",
         help="CSV with path,caption for the --audio at the same position (omit for all: folder names give captions)",
+    ),
+    data_root: Path = typer.Option(
+        None,
+        "--data-root",
+        help="folder of corpora: each subfolder with a metadata.csv (path, caption, split columns) is one more "
+        "--audio with its --captions, e.g. ../shared/data",
     ),
     out: Path = typer.Option(..., "-o", "--out", help="dataset directory to write"),
     config: str = _CONFIG,
@@ -95,13 +96,15 @@ def prepare(
 ) -> None:
     """Audio folders (+ captions) -> mono clips at the model rate and length, train/valid/test splits.
 
+    The inputs are named: --audio folders (with their --captions), the corpora of --data-root, or both.
     Warns when a split comes out empty or tiny; the stages skip what an empty valid or test split would feed.
     """
-    from .data import DataConfig, Source, default_sources, prepare_dataset
+    from .data import DataConfig, Source, corpus_sources, prepare_dataset
     from .loop import build_table
     from .models.config import load_model_config, load_toml
 
-    _setup_logging()
+    if not audio and data_root is None:
+        raise typer.BadParameter("name the audio: --audio DIR [--captions CSV] (repeatable) or --data-root DIR")
     cfg = load_model_config(config)
     dcfg = build_table(DataConfig, load_toml(config).get("data", {}), "data")
     over: dict[str, Any] = {
@@ -114,12 +117,12 @@ def prepare(
         dcfg = dataclasses.replace(dcfg, **{k: v for k, v in over.items() if v is not None})
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    if audio:
-        if captions and len(captions) != len(audio):
-            raise typer.BadParameter("give one --captions per --audio, or none")
-        sources = [Source(a, captions[i] if captions else None) for i, a in enumerate(audio)]
-    else:
-        sources = default_sources()
+    if captions and len(captions) != len(audio or []):
+        raise typer.BadParameter("give one --captions per --audio, or none")
+    sources = [Source(a, captions[i] if captions else None) for i, a in enumerate(audio or [])]
+    if data_root is not None:
+        with data_errors():
+            sources += corpus_sources(data_root)
     clip = cfg.dit.latent_frames * cfg.latent_hop
     if dry_run:
         typer.echo(
@@ -208,7 +211,6 @@ def swap_vae_cmd(
     from .checkpoint import load_model_checkpoint, save_model_checkpoint, swap_vae
     from .vae_run import load_latent_stats, load_vae_run
 
-    _setup_logging()
     src = load_model_checkpoint(checkpoint)
     vae_model, _, vae_id = load_vae_run(vae)
     mu, std = load_latent_stats(vae)
@@ -228,7 +230,6 @@ def vae_finalize(data: Path = _DATA, run: Path = _RUN, threads: int = _THREADS) 
     from .data import ClipDataset, check_splits
     from .vae_run import REPORT_SKIPPED, finalize_vae
 
-    _setup_logging()
     if threads:
         torch.set_num_threads(threads)
     ds = ClipDataset(data)
@@ -270,7 +271,6 @@ def vae_embedding_report(
     from .recon_embedding import adoption_verdict, embedding_report
     from .report import MelPCA, griffin_lim_from_mel
 
-    _setup_logging()
     if threads:
         torch.set_num_threads(threads)
     if run is None and json_path is None:
@@ -336,7 +336,6 @@ def baseline_sweep(
     from .report import MelPCA, griffin_lim_from_mel
 
     ks = _positive_ints(components, "--components")
-    _setup_logging()
     if threads:
         torch.set_num_threads(threads)
     ds = ClipDataset(data)
@@ -422,7 +421,6 @@ def prepare_latents(
     from .data import ClipDataset, cache_latents
     from .vae_run import load_vae_run
 
-    _setup_logging()
     if threads:
         torch.set_num_threads(threads)
     vae_model, _, vae_id = load_vae_run(vae_run)
@@ -430,7 +428,7 @@ def prepare_latents(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Issue 4: CTM distillation (train/distill_train.py, train/ctm.py).
+# CTM distillation (train/distill_train.py, train/ctm.py).
 
 
 @app.command()
@@ -478,7 +476,6 @@ def distill_cost(
     from .models.config import load_model_config
     from .stage import stage_table
 
-    _setup_logging()
     if threads:
         torch.set_num_threads(threads)
     dcfg = stage_table(config, DistillConfig, "distill")

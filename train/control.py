@@ -56,15 +56,8 @@ INTENSITY_EPS = 10.0 ** (INTENSITY_FLOOR_DB / 10.0)  # mean-square floor: 1e-8 =
 class ControlConfig:
     """Settings of both control methods (saved with every report)."""
 
-    # Defaults chosen by `soundctm-rt eval-control` sweeps of the shipped cpu student on its 24 test prompts x 4
-    # presets (96 cases; dB RMSE at 4 steps / probe adherence, uncontrolled 35.2 dB / 0.250; level gain alone
-    # 29.6 dB / 0.250). Without the timbre anchor both methods reach the curve by changing the sound:
-    #   anchor 0, noise 60 x 0.05, guidance 4 x 0.1:  noise-opt  8.8 dB / 0.094, guidance  1.7 dB / 0.073 (p <= 0.01)
-    #   anchor 10, noise 30 x 0.02, guidance 2 x 0.1: noise-opt 10.4 dB / 0.177, guidance 17.4 dB / 0.188
-    #   anchor 10, noise 60 x 0.03, guidance 4 x 0.1: noise-opt  8.9 dB / 0.135 (p 0.03), guidance 5.3 dB / 0.198
-    #   anchor 20, noise 40 x 0.02, guidance 4 x 0.1: noise-opt 10.6 dB / 0.156, guidance  8.9 dB / 0.208
-    #   anchor 30, noise 30 x 0.02, guidance 4 x 0.1: noise-opt 12.7 dB / 0.219, guidance 11.6 dB / 0.188  <- these
-    # (McNemar p against the uncontrolled takes 0.65 and 0.24). `generate --control-strength` scales both step sizes.
+    # Defaults from `soundctm-rt eval-control` sweeps of the shipped student, which trade the curve's error against
+    # keeping the prompt's sound (the figures: docs/experiments/control-defaults.md).
     # (a) noise optimisation: Adam on ε_T through the one-step map.
     noise_iterations: int = 30  # Adam steps (each one forward + backward through G and the decoder)
     noise_lr: float = 0.02  # Adam step size in units of the unit-variance noise ε_T
@@ -76,9 +69,8 @@ class ControlConfig:
     guidance_max_t: float | None = None  # no nudges above this noise level (None: no limit)
     # Both: weight of the timbre anchor (module docstring) against the intensity loss, both in dB². 0 turns it off.
     timbre_weight: float = 30.0
-    # Both: control only the curve's shape and set its level by a gain afterwards (module docstring). Measured on
-    # 8 test prompts x 4 presets without the anchor: 19 dB RMSE instead of 2-8 dB and no better adherence, so it
-    # is off by default; `level_only` in the report is the gain on its own.
+    # Both: control only the curve's shape and set its level by a gain afterwards (module docstring); off, since
+    # it misses the curve by more at no better adherence (docs/experiments/control-defaults.md).
     match_level: bool = False
 
     def __post_init__(self) -> None:

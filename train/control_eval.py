@@ -1,4 +1,4 @@
-"""The intensity-control report (METHOD §6, issue 7): how close each method brings a clip's intensity to a target
+"""The intensity-control report (METHOD §6): how close each method brings a clip's intensity to a target
 curve, what it costs, and whether the sound is still what was asked for.
 
 Cases: test prompts (one test clip per class label, corpora interleaved: train.figures.class_examples) × the
@@ -53,6 +53,7 @@ from .data import ClipDataset
 from .edm import sampling_sigmas
 from .eval import RidgeProbe, clip_labels, spread
 from .figures import class_examples
+from .loop import task_bar
 from .sampling import sample_gamma
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,7 @@ def evaluate_control(
     kept: dict[int, dict[tuple[str, int], np.ndarray]] = {}
     figure_idx = _figure_cases(cases, cfg)
     t_all = time.perf_counter()
+    bar = task_bar(len(cases), "eval-control", logger)
     for i in range(0, len(cases), cfg.batch):
         batch = cases[i : i + cfg.batch]
         eps, noises = _noise(batch, (C, T), cfg.seed, max_steps)
@@ -247,6 +249,8 @@ def evaluate_control(
                 if i + j in figure_idx:
                     kept.setdefault(i + j, {})[key] = wave[j]
         logger.info("eval-control: %d/%d cases, %.0f s", i + len(batch), len(cases), time.perf_counter() - t_all)
+        bar.update(len(batch))
+    bar.close()
 
     probe, probe_info = _fit_probe(ds, embed, cfg)
     labels = [c.label for c in cases]

@@ -62,7 +62,7 @@ SPLIT_USES = {
     "test": "test reports (VAE reconstruction report, eval, eval-control, decoder gate) cannot run",
 }
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+CORPUS_CSV = "metadata.csv"  # a corpus folder's captions (and split columns), as `corpus_sources` finds them
 
 
 @dataclass(frozen=True)
@@ -148,12 +148,18 @@ class DataError(ValueError):
     """A dataset cannot serve what was asked of it (an empty split, unknown named files); one line with the fix."""
 
 
-def default_sources(root: Path = DEFAULT_DATA_ROOT) -> list[Source]:
-    """Both corpora of ../shared/data (drum-machines and ESC-10), read in place."""
-    out = [Source(root / name, root / name / "metadata.csv") for name in ("drum-machines", "esc10")]
-    missing = [str(s.audio) for s in out if not s.captions or not s.captions.is_file()]
-    if missing:
-        raise FileNotFoundError(f"default corpus not found: {missing}; pass --audio DIR [--captions CSV]")
+def corpus_sources(root: Path) -> list[Source]:
+    """Every subfolder of `root` that holds a metadata.csv (path, caption and split columns), as a source read in
+    place, in name order (e.g. ../shared/data: drum-machines and esc10).
+
+    Raises:
+        DataError: root is not a folder, or none of its subfolders has a metadata.csv.
+    """
+    if not root.is_dir():
+        raise DataError(f"--data-root {root} is not a folder")
+    out = [Source(d, d / CORPUS_CSV) for d in sorted(root.iterdir()) if (d / CORPUS_CSV).is_file()]
+    if not out:
+        raise DataError(f"no subfolder of {root} holds a {CORPUS_CSV}; pass --audio DIR [--captions CSV]")
     return out
 
 

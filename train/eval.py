@@ -1,5 +1,5 @@
 """Quality evaluation of a distilled student against its teacher on held-out prompts (DESIGN "Benchmarks and
-evaluation"; issue 4). Everything runs in torch on the training-side weights.
+evaluation"). Everything runs in torch on the training-side weights.
 
 Prompts: the captions of the test split's clips (up to K, evenly spread over the split); each prompt carries the
 label of its clip. For every seed, one initial noise x_T per prompt (and one noise per γ step) is shared by all
@@ -50,13 +50,12 @@ from .conditioning import encode_prompts
 from .ctm import cfg_teacher_denoiser, student_denoiser
 from .data import ClipDataset
 from .edm import karras_sigmas, sampling_sigmas
+from .loop import task_bar
 from .losses import mel_l1
 from .models.denoiser import Conditioning
 from .sampling import guided_jump, sample_gamma, sample_heun
 
 logger = logging.getLogger(__name__)
-
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclass(frozen=True)
@@ -188,10 +187,12 @@ def nn_similarity(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 def mean_ci(values: list[float]) -> dict[str, Any]:
     """Mean over seeds and a 95 % t-interval (None with one seed)."""
+    from scipy.stats import t as student_t
+
     v = np.asarray(values, dtype=np.float64)
     out: dict[str, Any] = {"mean": float(v.mean()), "per_seed": [float(x) for x in v]}
     if len(v) > 1:
-        half = T_975.get(len(v) - 1, 1.96) * v.std(ddof=1) / np.sqrt(len(v))
+        half = float(student_t.ppf(0.975, df=len(v) - 1)) * v.std(ddof=1) / np.sqrt(len(v))
         out["ci95"] = [float(v.mean() - half), float(v.mean() + half)]
     else:
         out["ci95"] = None
@@ -370,6 +371,7 @@ def evaluate(
     per_row_clips: list[dict[str, list[Any]]] = [{"pred": [], "peak_db": [], "rms_db": []} for _ in plans]
     floor_acc: dict[str, list[float]] = {}
     max_steps = max([*cfg.steps, 1])
+    bar = task_bar(len(cfg.seeds) * len(plans), "eval", logger)
     for seed in cfg.seeds:
         g = torch.Generator().manual_seed(seed)
         eps_T = torch.randn(P, C, T, generator=g)
@@ -400,12 +402,14 @@ def evaluate(
             for k, x in vals.items():
                 m.setdefault(k, []).append(x)
             logger.info("seed %d %s %s steps=%d gamma=%g: %s", seed, model, sampler_name, steps, gamma, vals)
+            bar.update()
         for name, ref in (("valid_vs_test", e_valid), ("train_vs_test", e_train)):
             if len(ref) < 2:
                 continue
             sub = ref[rng.choice(len(ref), min(P, len(ref)), replace=False)]
             floor_acc.setdefault(f"{name}_fd", []).append(frechet_distance(sub, e_test))
             floor_acc.setdefault(f"{name}_kid", []).append(kid(sub, e_test, cfg.kid_subsets, cfg.kid_subset_size, rng))
+    bar.close()
 
     real_peak, real_rms = level_db(ds.wave(test_idx))
     real_pred = probe.predict(e_test)

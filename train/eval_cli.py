@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 
 import typer
@@ -68,10 +67,6 @@ def eval_command(
     from .data import ClipDataset, check_splits
     from .eval import evaluate, load_checkpoint_of, markdown, write_result
 
-    # the root callback has already configured logging (WARNING without -v): basicConfig would be a no-op, so the
-    # evaluation's progress lines get their own level
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("soundctm_rt.train").setLevel(logging.INFO)
     if threads:
         torch.set_num_threads(threads)
     ds = ClipDataset(data)

@@ -337,13 +337,29 @@ def progress_bar(total: int, initial: int, env: DistEnv, desc: str):
     )
 
 
-def configure_logging(env: DistEnv) -> None:
-    """INFO on rank 0, WARNING elsewhere, one line format."""
-    logging.basicConfig(
-        level=logging.INFO if env.is_main else logging.WARNING,
-        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s",
-        force=True,
+def task_bar(total: int, desc: str, log: logging.Logger):
+    """tqdm over a command's work items, shown while `log` logs progress (INFO: not under `soundctm-rt -q`);
+    sparse updates when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        disable=not log.isEnabledFor(logging.INFO),
+        mininterval=0.5 if sys.stderr.isatty() else 60.0,
+        dynamic_ncols=True,
     )
+
+
+def configure_logging(env: DistEnv) -> None:
+    """The command line's log lines (soundctm_rt.logs, set up by its root callback) tagged with the rank; ranks
+    other than 0 log warnings only."""
+    from ..logs import FORMAT, tag_lines
+
+    tag_lines(FORMAT.replace("%(asctime)s", f"%(asctime)s [rank {env.rank}]"))
+    if not env.is_main:
+        log = logging.getLogger("soundctm_rt")
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
 
 
 def save_safetensors(

@@ -64,6 +64,15 @@ GEN_ARGS = (SEED, STEPS, GAMMA, CFG, DURATION, GAIN, PAN)
 # keys of /soundctm/set and their limits
 SET_KEYS: dict[str, Arg] = {a.name: a for a in (SEED, STEPS, GAMMA, CFG, DURATION, GAIN, PAN)}
 SET_KEYS["nu"] = Arg("nu", "float", 0.0, 20.0, "nu-guidance strength")
+SET_KEYS["latency"] = Arg(
+    "latency",
+    "float",
+    0.0,
+    5000.0,
+    "ms from receipt to the start (or /stop) of an untimed generate or trigger, sample-accurate; 0: as soon as "
+    "possible (the daemon's --latency)",
+)
+SET_ONLY = ("nu", "latency")  # keys of /set that are not also arguments of a command
 
 COMMANDS: dict[str, Command] = {
     c.name: c
@@ -71,7 +80,8 @@ COMMANDS: dict[str, Command] = {
         Command(
             "generate",
             "prompt [seed steps gamma cfg duration gain pan]",
-            "Generate and play. Streams: the first block plays before the clip is fully decoded.",
+            "Generate and play, at the bundle's time tag or receipt + latency (see Timing). Streams: the first block "
+            "plays before the clip is fully decoded.",
             "/soundctm/ack id, then /soundctm/done id latency_ms rtf audio_seconds total_ms",
             prompt=True,
             args=GEN_ARGS,
@@ -87,7 +97,8 @@ COMMANDS: dict[str, Command] = {
         Command(
             "trigger",
             "prompt [gain pan]",
-            "Play the next cached take of the prompt at once (round robin); generates one if none is cached.",
+            "Play the next cached take of the prompt (round robin) at the bundle's time tag, receipt + latency, or at "
+            "once; generates one if none is cached.",
             "/soundctm/ack id, then /soundctm/done id latency_ms 0 audio_seconds 0",
             prompt=True,
             args=(GAIN, PAN),
@@ -95,7 +106,8 @@ COMMANDS: dict[str, Command] = {
         Command(
             "stop",
             "[id]",
-            "Stop one job or voice (queued, generating or playing; a short fade) or all of them.",
+            "Stop one job or voice (queued, generating or playing; a short fade) or all of them; at the bundle's time "
+            "tag or receipt + latency when either is set.",
             "/soundctm/ack id (the voice's id; 0 for all), or /soundctm/fail stop 'no such voice...'",
             args=(VOICE,),
         ),
@@ -125,8 +137,10 @@ REPLIES = {
     "DAC time of the voice's first sample (0 for preload/render; nan when the clock mapping cannot support the "
     "figure, counted in /status latencies_flagged)",
     "fail": "/soundctm/fail command reason [id] — refused or failed; id when the job had been acked. Reasons "
-    "include 'stopped', 'busy' and 'audio device lost' (the output died: every job it would have played fails, "
-    "and later generate/trigger are refused until a restart)",
+    "include 'stopped', 'busy', 'too far ahead' (a time tag beyond --horizon) and 'audio device lost' (the "
+    "output died: every job it would have played fails, and later generate/trigger are refused until a restart)",
+    "late": "/soundctm/late id seconds — the voice of job id started this long after its requested time (a "
+    "time tag or receipt + latency already past, or a generation that took longer); sent before its /done",
     "warn": "/soundctm/warn id reason — the prompt of job id is cut to the text encoder's length (reason says "
     "where), or is far from every caption the model was trained on (reason names the nearest ones); sent before "
     "the job's audio and /done by generate, preload, render and a trigger that generates; the job still runs",
@@ -230,7 +244,8 @@ def markdown() -> str:
             if a.name not in seen:
                 seen.add(a.name)
                 lines.append(f"| `{a.name}` | {a.kind} | {fmt_number(a.lo)} .. {fmt_number(a.hi)} | {a.doc} |")
-    nu = SET_KEYS["nu"]
-    lines.append(f"| `nu` (set only) | {nu.kind} | {fmt_number(nu.lo)} .. {fmt_number(nu.hi)} | {nu.doc} |")
+    for key in SET_ONLY:
+        a = SET_KEYS[key]
+        lines.append(f"| `{a.name}` (set only) | {a.kind} | {fmt_number(a.lo)} .. {fmt_number(a.hi)} | {a.doc} |")
     lines += ["", "Replies:", ""] + [f"- `{r}`" for r in REPLIES.values()]
     return "\n".join(lines) + "\n"

@@ -1,17 +1,17 @@
-"""Where the ring drains: a sounddevice OutputStream (the DAC), or a software clock that writes a WAV file or
+"""Where the mixed audio goes: a PortAudio output stream (the DAC), or a software clock that writes a WAV file or
 discards (render mode without a sound card).
 
 Clocks. PortAudio reports callback times (`time_info.outputBufferDacTime`) on the stream's own clock, the one
-`stream.time` reads (Pa_GetStreamTime); with JACK it is JACK's frame time, not CLOCK_MONOTONIC. The daemon
-stamps OSC receipt with `time.perf_counter()`. `DeviceOutput.sync_clock()` measures the offset between the two
-by reading perf_counter, stream.time, perf_counter back to back and keeping the tightest bracket of a few
-tries (error <= half that bracket, typically a few microseconds); the mixer re-syncs every second, so drift
-between the clocks does not accumulate. `to_perf(t_stream) = t_stream + offset`.
+`stream.time` reads (Pa_GetStreamTime); with JACK it is JACK's frame time in whole frames, not CLOCK_MONOTONIC.
+The daemon stamps OSC receipt with `time.perf_counter()`. `DeviceOutput.sync_clock()` measures the offset
+between the two by bracketing `stream.time` between two perf_counter reads at the moment its reading steps
+(clock.bracket_offset: error within a few microseconds); the daemon re-syncs twice a second, so drift between
+the clocks does not accumulate. `to_perf(t_stream) = t_stream + offset`, `from_perf` the inverse.
 
-The device callback is not Python: PortAudio calls `ring.pa_output_callback`, a numba `cfunc`, with the ring's
-arrays passed as addresses in its userdata. It copies, zero-fills and counts, exactly like `Ring.read_into`,
-without the interpreter: no GIL to wait for, no objects allocated (sounddevice's Python callback wrapper would
-build an ndarray and a CallbackFlags object per block, and need the GIL to do it). The stream is opened through
+The device callback is not Python: PortAudio calls `rtmix.pa_output_callback`, a numba `cfunc`, with the slot
+table's arrays passed as addresses in its userdata. It schedules, mixes, fades and counts without the
+interpreter: no GIL to wait for, no objects allocated (sounddevice's Python callback wrapper would build an
+ndarray and a CallbackFlags object per block, and need the GIL to do it). The stream is opened through
 sounddevice's `_StreamBase` with a function pointer, the extension point python-rtmixer uses for its C callback.
 """
 
@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .ring import Ring, pa_output_callback
+from .clock import bracket_offset
+from .rtmix import SlotTable, pa_output_callback
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +41,30 @@ NO_DEVICE_HINT = "no audio output device ({why}); use --output FILE.wav to recor
 
 
 class DeviceOutput:
-    """A PortAudio output stream fed from the ring.
+    """A PortAudio output stream whose callback mixes the slot table.
 
     Args:
-        ring: the ring to drain.
+        table: the voice slots the callback plays.
         samplerate: Hz.
         blocksize: frames per callback (fixed).
         channels: output channels.
         device: PortAudio device name or index; None for the default.
     """
 
-    def __init__(self, ring: Ring, samplerate: int, blocksize: int, channels: int, device: str | int | None) -> None:
+    def __init__(
+        self, table: SlotTable, samplerate: int, blocksize: int, channels: int, device: str | int | None
+    ) -> None:
         try:
             import sounddevice as sd  # initialises PortAudio; with JACK, jackd must already run
         except OSError as e:
             raise NoAudioDevice(NO_DEVICE_HINT.format(why=f"PortAudio not found: {e}")) from None
         self.sd = sd
-        self.ring = ring
+        self.table = table
         self.samplerate = samplerate
         self.blocksize = blocksize
-        self.offset = 0.0
+        self.offset = 0.0  # perf_counter - stream clock, seconds
         self.sync_error = 0.0  # half the bracket of the last clock sync, seconds
+        self.sync_step = 0.0  # how far the offset moved at the last sync (drift since the one before), seconds
         self.abandoned = False  # the stream could not be closed (its server died): exit without PortAudio's atexit
         self.lost_reason: str | None = None  # set once by lost(); a lost stream stays lost
         self._started = False
@@ -69,7 +73,7 @@ class DeviceOutput:
         try:
             if device is None:
                 sd.query_devices(kind="output")
-            # the userdata block and the arrays it points to live as long as self.ring
+            # the userdata block and the arrays it points to live as long as self.table
             self.stream = sd._StreamBase(
                 kind="output",
                 samplerate=samplerate,
@@ -79,7 +83,7 @@ class DeviceOutput:
                 device=device,
                 latency="low",
                 callback=sd._ffi.cast("PaStreamCallback*", pa_output_callback.address),
-                userdata=sd._ffi.cast("void*", ring.callback_userdata(channels)),
+                userdata=sd._ffi.cast("void*", table.callback_userdata(channels)),
             )
         except (sd.PortAudioError, ValueError) as e:
             sd._terminate()
@@ -94,27 +98,25 @@ class DeviceOutput:
         self.stream.start()
         # The stream clock settles once callbacks run (JACK's frame time starts with the first cycle).
         deadline = time.monotonic() + 2.0
-        while self.ring.counters()["callbacks"] < 8 and time.monotonic() < deadline:
+        while self.table.counters()["callbacks"] < 8 and time.monotonic() < deadline:
             time.sleep(self.blocksize / self.samplerate)
         self.sync_clock()
+        self.sync_step = 0.0
         self._started = True
         self._last_progress = time.monotonic()
 
     def sync_clock(self, tries: int = 5) -> float:
-        """Re-measure perf_counter - stream clock; returns the bracket width (s) of the kept sample."""
-        best = (float("inf"), 0.0)
-        for _ in range(tries):
-            a = time.perf_counter()
-            st = self.stream.time
-            b = time.perf_counter()
-            if b - a < best[0]:
-                best = (b - a, (a + b) / 2 - st)
-        self.offset = best[1]
-        self.sync_error = best[0] / 2
-        return best[0]
+        """Re-measure perf_counter - stream clock; returns the error bound (s) of the new offset."""
+        offset, error = bracket_offset(lambda: float(self.stream.time), tries)
+        self.sync_step = abs(offset - self.offset)
+        self.offset, self.sync_error = offset, error
+        return error
 
     def to_perf(self, t_stream: float) -> float:
         return t_stream + self.offset
+
+    def from_perf(self, t_perf: float) -> float:
+        return t_perf - self.offset
 
     def lost(self, stall_seconds: float = STALL_SECONDS) -> str | None:
         """Why the stream is dead, or None while it runs. Cheap: call it often (the daemon's watchdog does).
@@ -125,7 +127,7 @@ class DeviceOutput:
         """
         if self.lost_reason is not None or not self._started:
             return self.lost_reason
-        n = self.ring.counters()["callbacks"]
+        n = self.table.counters()["callbacks"]
         now = time.monotonic()
         if not self.stream.active:
             self.lost_reason = "the audio stream stopped (audio server or device gone)"
@@ -165,24 +167,28 @@ class DeviceOutput:
 
 
 class ClockedSink:
-    """A software audio clock: drains one block per period on time.perf_counter, writing a WAV or discarding.
+    """A software audio clock: mixes one block per period on time.perf_counter, writing a WAV or discarding.
 
-    The DAC time of a block is the perf_counter time it is drained at, so `to_perf` is the identity.
+    Its stream clock is perf_counter itself (`to_perf` is the identity) and it behaves like a device with one
+    block of output latency: the block mixed for period k reaches the "DAC" at start + (k + 1) periods, exactly
+    (a late wake-up mixes late, the DAC times stay on the grid), so frame f of the file plays at
+    `t0 + f / samplerate` for the `t0` of frame 0 (`dac_time_of_frame`).
 
     Args:
-        ring: the ring to drain.
+        table: the voice slots to mix.
         samplerate: Hz.
         blocksize: frames per period.
         path: WAV file to write (float32), or None to discard.
     """
 
-    def __init__(self, ring: Ring, samplerate: int, blocksize: int, path: Path | None = None) -> None:
-        self.ring = ring
+    def __init__(self, table: SlotTable, samplerate: int, blocksize: int, path: Path | None = None) -> None:
+        self.table = table
         self.samplerate = samplerate
         self.blocksize = blocksize
         self.path = path
-        self.latency = 0.0
-        self.buf = np.zeros((blocksize, ring.channels), dtype=np.float32)
+        self.latency = blocksize / samplerate
+        self.t0 = 0.0  # DAC time of frame 0 (perf_counter), set by start()
+        self.buf = np.zeros((blocksize, table.channels), dtype=np.float32)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._file: Any = None
@@ -190,34 +196,46 @@ class ClockedSink:
             import soundfile as sf
 
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = sf.SoundFile(str(path), "w", samplerate=samplerate, channels=ring.channels, subtype="FLOAT")
+            self._file = sf.SoundFile(str(path), "w", samplerate=samplerate, channels=table.channels, subtype="FLOAT")
 
     def _run(self) -> None:
         period = self.blocksize / self.samplerate
-        t = time.perf_counter()
+        k = 0  # blocks since t0
+        t = self.t0 - period  # when block k is due to be mixed
         while not self._stop.is_set():
-            t += period
             delay = t - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            elif delay < -0.5:  # the process was stopped; do not burst to catch up
-                t = time.perf_counter()
+            elif delay < -0.5:  # the process was stopped: jump ahead rather than burst (the grid moves)
+                self.t0 = time.perf_counter() + period - k * period
+                t = self.t0 + (k - 1) * period
             now = time.perf_counter()
-            self.ring.read_into(self.buf, 0, now, now)
+            self.table.render(self.buf, 0, now, self.t0 + k * period)
             if self._file is not None:
                 self._file.write(self.buf)
+            k += 1
+            t += period
+
+    def dac_time_of_frame(self, frame: int) -> float:
+        """perf_counter time at which output frame `frame` plays (written to the file at that index)."""
+        return self.t0 + frame / self.samplerate
 
     def start(self) -> None:
+        self.t0 = time.perf_counter() + self.latency
         self._thread = threading.Thread(target=self._run, name="soundctm-clock", daemon=True)
         self._thread.start()
 
     sync_error = 0.0
+    sync_step = 0.0
     abandoned = False
 
     def sync_clock(self, tries: int = 5) -> float:
         return 0.0
 
     def to_perf(self, t: float) -> float:
+        return t
+
+    def from_perf(self, t: float) -> float:
         return t
 
     def lost(self, stall_seconds: float = STALL_SECONDS) -> str | None:

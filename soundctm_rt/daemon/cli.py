@@ -38,11 +38,18 @@ def serve(
     samplerate: int = typer.Option(48000, min=8000, max=384000, help="Output sample rate (Hz)."),
     blocksize: int = typer.Option(256, min=16, max=8192, help="Frames per audio callback."),
     channels: int = typer.Option(2, min=1, max=2, help="Output channels (2: pan applies)."),
-    lead: float = typer.Option(
-        1.0,
-        min=0.25,
-        max=64.0,
-        help="Blocks the mixer keeps ahead of the callback: smaller is sooner, larger survives more scheduling jitter.",
+    latency: float = typer.Option(
+        0.0,
+        min=0.0,
+        max=5000.0,
+        help="Constant latency, ms: untimed generate/trigger/stop take effect at receipt + MS, sample-accurately "
+        "(for clients that cannot send time-tagged bundles); 0: as soon as possible. /soundctm/set latency changes it.",
+    ),
+    horizon: float = typer.Option(
+        10.0, min=0.01, max=3600.0, help="Refuse bundles time-tagged more than this many seconds ahead."
+    ),
+    voices: int = typer.Option(
+        64, min=1, max=4096, help="Voices sounding or waiting for their time tag at once; more get /fail ... busy."
     ),
     max_queue: int = typer.Option(8, min=1, max=1024, help="Jobs waiting at most; more get /fail ... busy."),
     allow: list[str] = typer.Option(
@@ -98,7 +105,9 @@ def serve(
         samplerate=samplerate,
         blocksize=blocksize,
         channels=channels,
-        lead_blocks=lead,
+        voices=voices,
+        latency_ms=latency,
+        horizon_s=horizon,
         device=dev,
         output=output,
         no_audio=no_audio,
@@ -111,7 +120,8 @@ def serve(
         except OSError as e:
             sock.close()
             raise _err(f"cannot create --render-dir {render_dir}: {e.strerror or e}", 1) from None
-    # A short GIL switch interval: the audio callback thread waits at most this long for the interpreter.
+    # A short GIL switch interval: the OSC thread (receipt stamps) waits at most this long for the interpreter;
+    # the audio callback never needs it.
     sys.setswitchinterval(0.001)
     try:
         out = open_output(cfg)  # opens the device first: a missing one is reported before the model loads

@@ -6,7 +6,8 @@ import socket
 import time
 from typing import Any
 
-from .osc import OscError, decode_packet, encode_message
+from .clock import unix_to_ntp
+from .osc import OscError, decode_packet, encode_bundle, encode_message
 
 
 class OscClient:
@@ -27,6 +28,10 @@ class OscClient:
 
     def send(self, address: str, *args: Any) -> None:
         self.sock.sendto(encode_message(address, *args), self.target)
+
+    def send_at(self, t_unix: float, address: str, *args: Any) -> None:
+        """Send one message in a bundle time-tagged at Unix time t_unix (scsynth style: it takes effect then)."""
+        self.sock.sendto(encode_bundle(unix_to_ntp(t_unix), encode_message(address, *args)), self.target)
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendto(data, self.target)

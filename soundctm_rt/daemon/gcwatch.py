@@ -1,10 +1,10 @@
 """Garbage-collector pauses, frozen and measured.
 
-A collection holds the GIL, and the sounddevice callback is Python: while the collector runs, the callback
-cannot, and a pause longer than the block's slack is an underrun. The daemon therefore freezes everything it
-allocated at start-up (`gc.freeze`: the model, the backends' objects, the caches), so later collections scan
-only what came after, and it measures every collection's pause so that status can tell a GC stall from other
-causes of an underrun.
+A collection holds the GIL. The audio callback is compiled and never needs it, but the OSC thread does: while
+the collector runs, a message's receipt stamp and an untimed start wait, and a late time-tagged start can
+follow. The daemon therefore freezes everything it allocated at start-up (`gc.freeze`: the model, the backends'
+objects, the caches), so later collections scan only what came after, and it measures every collection's pause
+so that status can tell a GC stall from other causes of a late start.
 """
 
 from __future__ import annotations

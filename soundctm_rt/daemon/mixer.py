@@ -1,9 +1,10 @@
-"""Voices, the mixer thread that keeps the ring topped up, and the streaming resampler (model rate -> device rate).
+"""Voices, the mixer's Python side, and the streaming resampler (model rate -> device rate).
 
-The mixer thread is the ring's only writer. It keeps `lead` frames published ahead of the audio callback: the
-smaller the lead, the sooner a new voice is heard, the less slack the mixer has against scheduling hiccups.
-It writes silence when nothing plays, so ring frame positions map one-to-one onto stream time and the voice's
-first-sample DAC time can be read back from the callback log (ring.Ring.dac_time_of).
+The mixing itself happens in the audio callback (rtmix.py: compiled, no interpreter). This side hands voices to
+it through the slot table (`Mixer.add` arms a slot with the voice's buffer, gains and requested start time),
+forwards stops, and runs a housekeeping thread that reports each voice's start (first-sample DAC time, how late,
+the schedule error) and frees the slots the callback has finished with. Nothing here is on the audio deadline:
+a slow housekeeping thread only delays replies.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
-from .ring import Ring
+from .rtmix import ARMED, DONE, SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ FADE_SECONDS = 0.005  # fade applied on /stop, so a cut voice does not click
 LATENCY_TOLERANCE_S = 0.001  # clock-sync error allowed before a first-sample time is called impossible
 
 
-@njit(cache=True, nogil=True)  # pure function of its own arrays: let the audio thread have the GIL
+@njit(cache=True, nogil=True)  # pure function of its own arrays: the other threads keep the interpreter
 def _sinc_kernel(x, p0, step, n_out, half, cutoff):  # pragma: no cover - compiled
     # Hann-windowed sinc interpolation of x at positions p0 + k * step (in input samples).
     out = np.empty(n_out, dtype=np.float32)
@@ -107,253 +108,254 @@ def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
 
 
 class Voice:
-    """One playing sound: mono float32 chunks at the device rate, appended by the worker, read by the mixer.
+    """One sound for the callback to play: mono float32 samples at the device rate, in a buffer that the worker
+    fills while the voice plays (a streaming generation) or that is complete from the start (a cached take).
 
     Args:
         job_id: the id sent in /ack.
         t_receipt: time.perf_counter() when the OSC message arrived.
         gain: linear gain.
         pan: -1 .. 1, constant-power.
+        take: the complete samples [n] (played without a copy); None for a voice filled by `push`.
+        capacity: samples the buffer holds when `take` is None (it grows until the voice is armed, not after).
+        t_start: requested start on the stream clock (s); NaN: as soon as possible.
+        t_stop: requested stop (fade start) on the stream clock (s); NaN: none.
     """
 
-    def __init__(self, job_id: int, t_receipt: float, gain: float = 1.0, pan: float = 0.0) -> None:
+    def __init__(
+        self,
+        job_id: int,
+        t_receipt: float,
+        gain: float = 1.0,
+        pan: float = 0.0,
+        *,
+        take: np.ndarray | None = None,
+        capacity: int = 0,
+        t_start: float = math.nan,
+        t_stop: float = math.nan,
+    ) -> None:
         self.id = job_id
         self.t_receipt = t_receipt
         theta = (pan + 1.0) * math.pi / 4
         self.gl = gain * math.cos(theta)
         self.gr = gain * math.sin(theta)
         self.gain = gain
-        self.chunks: collections.deque[np.ndarray] = collections.deque()
-        self.cur = np.zeros(0, dtype=np.float32)
-        self.pos = 0
-        self.closed = False  # the worker has pushed everything
+        if take is not None:
+            self.buf = np.ascontiguousarray(take, dtype=np.float32).reshape(-1)
+            self.filled = len(self.buf)
+            self.closed = True
+        else:
+            self.buf = np.zeros(max(0, capacity), dtype=np.float32)
+            self.filled = 0
+            self.closed = False  # the worker has pushed everything
+        self.t_start = t_start
+        self.t_stop = t_stop
         self.stopped = False  # /stop: fade out, and the worker stops generating
-        self.fade_left = -1
-        self.start_pos = -1  # absolute ring frame of the first sample
-        self.t_mixed = 0.0  # perf_counter time the first sample was written to the ring
-        self.samples = 0  # frames played
-        self.gaps = 0  # blocks where a streaming voice had nothing ready (generation slower than real time)
+        self.table: SlotTable | None = None
+        self.slot = -1
+        self.t_armed = 0.0  # perf_counter time the voice was handed to the callback
+        self.first_frame = -1  # absolute output frame of the first sample, once it started
+        self.first_dac = math.nan  # its DAC time, stream clock
+        self.late_s = 0.0  # how much after t_start it started (0: on time)
+        self.error_s = math.nan  # first-sample DAC time - t_start (s), for a voice with a requested start
+        self.ended = False
+        self.cut = False  # ended before its producer closed it (a stop): the rest will not play
+        self.dropped = 0  # samples pushed past the armed buffer's end (not played)
+
+    @property
+    def timed(self) -> bool:
+        return not math.isnan(self.t_start)
 
     def push(self, y: np.ndarray) -> None:
-        if len(y):
-            self.chunks.append(y)
+        """Append samples [n] float32; the callback may play them from now on."""
+        y = np.asarray(y, dtype=np.float32).reshape(-1)
+        if not len(y) or self.ended:
+            return
+        if self.table is None:
+            if self.filled + len(y) > len(self.buf):  # not armed yet: the buffer may still move
+                grown = np.zeros(max(2 * len(self.buf), self.filled + len(y)), dtype=np.float32)
+                grown[: self.filled] = self.buf[: self.filled]
+                self.buf = grown
+            self.buf[self.filled : self.filled + len(y)] = y
+            n = len(y)
+        else:
+            n = self.table.push(self.slot, self.buf, self.filled, y)
+            if n < len(y):
+                if not self.dropped:
+                    log.warning("voice %d: %d samples past its buffer are dropped", self.id, len(y) - n)
+                self.dropped += len(y) - n
+        self.filled += n
 
     def close(self) -> None:
+        """Every sample is pushed: the voice ends when the callback has played them."""
         self.closed = True
-
-    def take(self, n: int) -> np.ndarray:
-        """Up to n next samples (fewer when the worker is behind)."""
-        parts = []
-        got = 0
-        while got < n:
-            if self.pos >= len(self.cur):
-                if not self.chunks:
-                    break
-                self.cur = self.chunks.popleft()
-                self.pos = 0
-                continue
-            k = min(n - got, len(self.cur) - self.pos)
-            parts.append(self.cur[self.pos : self.pos + k])
-            self.pos += k
-            got += k
-        if not parts:
-            return np.zeros(0, dtype=np.float32)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if self.table is not None:
+            self.table.close(self.slot)
 
     @property
     def done(self) -> bool:
-        return (self.closed and not self.chunks and self.pos >= len(self.cur)) or self.fade_left == 0
+        return self.ended
 
 
 StartedCallback = Callable[[Voice, float], None]  # (voice, latency_ms)
+VoiceCallback = Callable[[Voice], None]
 
 
 class Mixer:
-    """Owns the voices and the ring's write side; runs in its own thread.
+    """Hands voices to the compiled callback and reports on them; its thread does the housekeeping.
 
     Args:
-        ring: the ring to feed.
+        table: the slot table the callback mixes.
         samplerate: device rate, Hz.
-        blocksize: device block, frames.
-        lead: frames to keep published ahead of the callback.
         to_perf: maps a DAC time on the stream clock to time.perf_counter().
-        on_started: called from the mixer thread with (voice, latency_ms) once the first sample's DAC time is known.
+        on_started: called from the mixer thread with (voice, latency_ms) once the first sample's DAC time is
+            known; latency_ms is nan when the clock mapping cannot support the figure.
+        on_unplayed: called from the mixer thread with a voice that ended without a sample played (stopped
+            before its start).
     """
 
     def __init__(
         self,
-        ring: Ring,
+        table: SlotTable,
         samplerate: int,
-        blocksize: int,
-        lead: int,
         to_perf: Callable[[float], float],
         on_started: StartedCallback | None = None,
+        on_unplayed: VoiceCallback | None = None,
     ) -> None:
-        self.ring = ring
+        self.table = table
         self.sr = samplerate
-        self.block = blocksize
-        self.lead = max(lead, 1)
         self.to_perf = to_perf
         self.on_started = on_started
-        self.inbox: collections.deque[Voice] = collections.deque()  # deque append/popleft are atomic
-        self.stops: collections.deque[int] = collections.deque()  # voice ids; 0 = all
-        self.voices: list[Voice] = []
-        self.pending: list[Voice] = []  # started, first-sample DAC time not known yet
-        self.scratch = np.zeros((ring.capacity, ring.channels), dtype=np.float32)
-        self.fade_frames = max(1, int(FADE_SECONDS * samplerate))
-        self.voice_gaps = 0
-        self.peak_voices = 0
+        self.on_unplayed = on_unplayed
+        self.voices: dict[int, Voice] = {}  # slot -> voice, while the slot is not FREE
+        self._lock = threading.Lock()  # the OSC thread and the worker both arm slots
         self.latencies_flagged = 0  # first-sample times the clock mapping cannot support (published as nan)
         self.latency_flag_reason = ""
+        self.schedule_errors: collections.deque[float] = collections.deque(maxlen=1000)  # s, timed voices
+        self.late = 0  # timed voices that started after their requested time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- called from other threads ---
-    def add(self, voice: Voice) -> None:
-        self.inbox.append(voice)
+    def add(self, voice: Voice) -> bool:
+        """Hand a voice to the callback; False when every slot is taken (the voice does not play)."""
+        with self._lock:
+            s = self.table.free_slot()
+            if s < 0:
+                return False
+            voice.table, voice.slot, voice.t_armed = self.table, s, time.perf_counter()
+            self.voices[s] = voice
+            self.table.arm(
+                s,
+                voice.id,
+                voice.buf,
+                voice.filled,
+                voice.closed,
+                (voice.gl, voice.gr, voice.gain),
+                voice.t_start,
+                voice.t_stop,
+            )
+        return True
 
-    def stop_voice(self, voice_id: int) -> None:
-        self.stops.append(voice_id)
+    def stop_voice(self, voice_id: int, t_stop: float = math.nan) -> None:
+        """Fade out voice `voice_id` (0: every voice) now, or from stream time t_stop."""
+        with self._lock:
+            for s, v in self.voices.items():
+                if (voice_id == 0 or v.id == voice_id) and not v.ended:
+                    if math.isnan(t_stop):
+                        v.stopped = True
+                    else:
+                        v.t_stop = t_stop
+                    self.table.stop(s, t_stop)
+
+    def has_voice(self, voice_id: int) -> bool:
+        """Whether a voice with this id waits for its start or sounds."""
+        with self._lock:
+            return any(v.id == voice_id and not v.ended for v in self.voices.values())
 
     def active(self) -> int:
+        """Voices sounding or waiting for their start time."""
         return len(self.voices)
 
-    # --- mixer thread ---
-    def _apply_stops(self) -> None:
-        while self.stops:
-            vid = self.stops.popleft()
-            for v in self.voices:
-                if (vid == 0 or v.id == vid) and v.fade_left < 0:
-                    v.stopped = True
-                    v.fade_left = self.fade_frames
+    def scheduled(self) -> int:
+        """Voices waiting for their requested start time."""
+        with self._lock:
+            return sum(1 for v in self.voices.values() if v.timed and v.first_frame < 0)
 
-    def mix(self, n: int) -> np.ndarray:
-        """Mix the next n frames of every voice into a `[n, channels]` view of the scratch buffer."""
-        while self.inbox:
-            self.voices.append(self.inbox.popleft())
-        self._apply_stops()
-        out = self.scratch[:n]
-        out[:] = 0.0
-        stereo = out.shape[1] >= 2
-        for v in self.voices:
-            y = v.take(n)
-            k = len(y)
-            if k == 0:
-                if not v.closed:
-                    v.gaps += 1
-                    self.voice_gaps += 1
-                continue
-            if v.fade_left >= 0:
-                f = min(k, v.fade_left)
-                ramp = np.linspace(
-                    v.fade_left / self.fade_frames,
-                    (v.fade_left - f) / self.fade_frames,
-                    f,
-                    endpoint=False,
-                    dtype=np.float32,
-                )
-                y = y[:f] * ramp
-                k = f
-                v.fade_left -= f
-            if v.start_pos < 0:
-                v.start_pos = self.ring.write_pos
-                v.t_mixed = time.perf_counter()
-                self.pending.append(v)
-            v.samples += k
-            if stereo:
-                out[:k, 0] += y * np.float32(v.gl)
-                out[:k, 1] += y * np.float32(v.gr)
-            else:
-                out[:k, 0] += y * np.float32(v.gain)
-        self.voices = [v for v in self.voices if not v.done]
-        self.peak_voices = max(self.peak_voices, len(self.voices))
-        np.clip(out, -1.0, 1.0, out=out)
-        return out
+    # --- the mixer thread ---
+    def step(self) -> None:
+        """Report voices that started, free the slots of those that ended."""
+        with self._lock:
+            voices = list(self.voices.items())
+        for s, v in voices:
+            state = self.table.state(s)  # before the start fields: once DONE, they are final
+            if v.first_frame < 0:
+                first, dac, late = self.table.started(s)
+                if first >= 0:
+                    self._report_started(v, first, dac, late)
+            if state == DONE:
+                if not v.ended:
+                    v.ended = True  # a streaming voice's worker stops generating into it
+                    v.cut = not v.closed
+                    if v.first_frame < 0 and self.on_unplayed is not None:
+                        self._call(self.on_unplayed, v)
+                if v.closed:  # its producer is done with the slot: free it
+                    with self._lock:
+                        del self.voices[s]
+                        self.table.release(s)
+            elif state != ARMED:
+                log.warning("voice %d: slot %d in unexpected state %d", v.id, s, state)
 
-    def _resolve_started(self) -> None:
-        if not self.pending:
-            return
-        keep = []
-        read = int(self.ring.state[1])
-        for v in self.pending:
-            dac = self.ring.dac_time_of(v.start_pos, self.sr)
-            if dac is None:
-                if read > v.start_pos + self.sr * 10:  # fell out of the log: give up rather than leak
-                    log.warning("voice %d: first-sample DAC time not found", v.id)
-                else:
-                    keep.append(v)
-                continue
-            latency_ms = self.latency_of(v, self.to_perf(dac))
-            if self.on_started is not None:
-                try:
-                    self.on_started(v, latency_ms)
-                except Exception:
-                    log.exception("on_started failed for voice %d", v.id)
-        self.pending = keep
+    def _report_started(self, v: Voice, first: int, dac: float, late: float) -> None:
+        v.first_frame, v.first_dac, v.late_s = first, dac, late
+        if v.timed:
+            v.error_s = dac - v.t_start
+            self.schedule_errors.append(v.error_s)
+            if late > 0:
+                self.late += 1
+        latency_ms = self.latency_of(v, self.to_perf(dac))
+        if self.on_started is not None:
+            self._call(self.on_started, v, latency_ms)
+
+    @staticmethod
+    def _call(fn: Callable[..., None], *args: object) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("mixer callback %s failed", getattr(fn, "__name__", fn))
 
     def latency_of(self, v: Voice, t_dac: float) -> float:
         """Receipt-to-DAC milliseconds of a voice's first sample, or nan when the clock mapping cannot support it.
 
-        A sample cannot reach the DAC before the mixer wrote it into the ring, so a DAC time (mapped to
-        perf_counter) earlier than the write is the mapping's error, not a latency: e.g. a non-realtime JACK
-        whose late cycles report DAC times in the past. Such a figure is counted and flagged, never published.
+        A sample cannot reach the DAC before the voice was handed to the callback, so a DAC time (mapped to
+        perf_counter) earlier than that is the mapping's error, not a latency: e.g. a non-realtime JACK whose
+        late cycles report DAC times in the past. Such a figure is counted and flagged, never published.
         """
-        if t_dac < v.t_mixed - LATENCY_TOLERANCE_S:
+        if t_dac < v.t_armed - LATENCY_TOLERANCE_S:
             self.latencies_flagged += 1
             self.latency_flag_reason = (
-                f"DAC time {1e3 * (v.t_mixed - t_dac):.2f} ms before the sample was mixed: clock mapping error"
+                f"DAC time {1e3 * (v.t_armed - t_dac):.2f} ms before the voice reached the mixer: clock mapping error"
             )
             return math.nan
         return (t_dac - v.t_receipt) * 1000.0
 
     def drop_all(self) -> list[Voice]:
-        """Every voice, queued, playing or waiting for its DAC time, taken out (call after stop())."""
-        out = list(self.inbox) + self.voices + [v for v in self.pending if v not in self.voices]
-        self.inbox.clear()
-        self.voices = []
-        self.pending = []
+        """Every voice taken out and its slot freed (call after stop(), once the callback no longer runs)."""
+        with self._lock:
+            out = list(self.voices.values())
+            for s in self.voices:
+                self.table.release(s)
+            self.voices.clear()
+        for v in out:
+            v.ended = True
         return out
-
-    def due(self) -> float | None:
-        """Just-in-time mode (lead < one block): perf_counter time by which the next block must be published;
-        None in fill mode or before the first callback."""
-        if self.lead >= self.block:
-            return None
-        t = self.ring.last_callback_time()
-        if t is None:
-            return None
-        return self.to_perf(t) + (self.block - self.lead) / self.sr
-
-    def step(self) -> int:
-        """Publish what is due; returns frames written.
-
-        Fill mode (lead >= block): keep `lead` frames published. Just-in-time mode (lead < block): publish the
-        next block `lead` frames' worth of time before the callback that plays it, so a voice that arrives
-        until then still makes that callback.
-        """
-        fill = self.ring.fill()
-        written = 0
-        if self.lead >= self.block:
-            need = self.lead - fill
-        else:
-            due = self.due()
-            need = self.block - fill if due is None or time.perf_counter() >= due else 0
-        if need > 0:
-            written = self.ring.write(self.mix(min(need, self.ring.space())))
-        self._resolve_started()
-        return written
 
     def run(self, poll: float) -> None:
         while not self._stop.is_set():
             self.step()
-            due = self.due()
-            wait = poll
-            if due is not None and self.ring.fill() < self.block:
-                wait = min(poll, max(0.0, due - time.perf_counter()))
-            time.sleep(wait)
+            time.sleep(poll)
 
-    def start(self, poll: float | None = None) -> None:
-        poll = poll if poll is not None else self.block / self.sr / 8
+    def start(self, poll: float = 0.002) -> None:
         self._thread = threading.Thread(target=self.run, args=(poll,), name="soundctm-mixer", daemon=True)
         self._thread.start()
 

@@ -4,9 +4,9 @@ Why our own decoder and not python-osc's `OscMessage`: python-osc skips type tag
 without consuming their bytes, so every following argument is read from the wrong offset; it raises a mix of
 exception types on hostile input. This decoder knows every OSC 1.0 tag plus the common 1.1 extensions
 (`c` char, `S` symbol, `h`, `d`, `t`, `T`, `F`, `N`, `I`, `m`, `r`, arrays), raises only `OscError` on bad bytes,
-never reads past the datagram, and flattens bundles (timetags ignored: everything runs on receipt, which is
-what python-osc's `strict_timing=False` does). Replies are encoded here too, so the bytes are checked against
-golden datagrams from liblo and Pure Data in tests/fixtures/osc/.
+never reads past the datagram, and flattens bundles in order, giving each message the time tag of the bundle
+around it (the daemon schedules by it; clock.py converts it). Replies are encoded here too, so the bytes are
+checked against golden datagrams from liblo and Pure Data in tests/fixtures/osc/.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 
 MAX_DATAGRAM = 8192  # larger datagrams are refused with /fail (python-osc's default would drop them silently)
 MAX_BUNDLE_DEPTH = 8
-MAX_ARGS = 64
+MAX_ARGS = 128  # bounds the work on hostile input; a /status reply carries about 90
 BUNDLE_TAG = b"#bundle\x00"
+IMMEDIATELY = 1  # the OSC 1.0 time tag meaning "now" (63 zero bits, then a one); 0 is read the same way
 
 
 class OscError(ValueError):
@@ -28,9 +29,20 @@ class OscError(ValueError):
 
 @dataclass(frozen=True)
 class Message:
+    """One decoded message.
+
+    Attributes:
+        address: the OSC address.
+        args: the arguments, decoded by their type tags.
+        tags: the type tags without the comma.
+        timetag: the NTP time tag (64-bit fixed point: seconds since 1900 in the high 32 bits) of the bundle
+            that carried it; IMMEDIATELY for a message sent outside a bundle.
+    """
+
     address: str
     args: tuple[Any, ...]
-    tags: str  # the type tags without the comma
+    tags: str
+    timetag: int = IMMEDIATELY
 
 
 def _pad4(n: int) -> int:
@@ -141,13 +153,23 @@ def decode_message(data: bytes) -> Message:
     return Message(address, tuple(args), tags)
 
 
-def decode_packet(data: bytes, depth: int = 0) -> list[Message]:
-    """Decode a message or a bundle (flattened, in order; timetags ignored). Raises OscError."""
+def is_immediate(timetag: int) -> bool:
+    """Whether a time tag means "now" (1, or 0 as some clients send it)."""
+    return timetag <= IMMEDIATELY
+
+
+def decode_packet(data: bytes, depth: int = 0, timetag: int = IMMEDIATELY) -> list[Message]:
+    """Decode a message or a bundle, flattened in order. Raises OscError.
+
+    Each message carries the time tag of the innermost bundle that has one; a nested bundle tagged
+    "immediately", or earlier than the bundle around it (OSC 1.0 requires later or equal), takes the outer tag.
+    """
     if data.startswith(BUNDLE_TAG):
         if depth >= MAX_BUNDLE_DEPTH:
             raise OscError("bundles nested too deep")
         if len(data) < 16:
             raise OscError("bundle truncated")
+        tag = max(timetag, struct.unpack_from(">Q", data, 8)[0])
         out: list[Message] = []
         i = 16  # '#bundle\0' + 8-byte timetag
         while i < len(data):
@@ -155,10 +177,11 @@ def decode_packet(data: bytes, depth: int = 0) -> list[Message]:
             n = struct.unpack_from(">i", data, i)[0]
             if n <= 0 or n % 4 or i + 4 + n > len(data):
                 raise OscError("bundle element size is invalid")
-            out.extend(decode_packet(data[i + 4 : i + 4 + n], depth + 1))
+            out.extend(decode_packet(data[i + 4 : i + 4 + n], depth + 1, tag))
             i += 4 + n
         return out
-    return [decode_message(data)]
+    m = decode_message(data)
+    return [m if timetag == IMMEDIATELY else Message(m.address, m.args, m.tags, timetag)]
 
 
 def peek_address(data: bytes) -> str | None:
@@ -207,3 +230,8 @@ def encode_message(address: str, *args: Any) -> bytes:
         else:
             raise TypeError(f"cannot encode {type(a).__name__} as an OSC argument")
     return _enc_string(address) + _enc_string(tags) + body
+
+
+def encode_bundle(timetag: int, *elements: bytes) -> bytes:
+    """Encode a bundle of encoded messages (or bundles) with an NTP time tag (clock.unix_to_ntp makes one)."""
+    return BUNDLE_TAG + struct.pack(">Q", timetag) + b"".join(struct.pack(">i", len(e)) + e for e in elements)

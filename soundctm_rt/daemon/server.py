@@ -1,9 +1,15 @@
 """The daemon: one OSC thread (in order), a bounded job queue, the worker, the mixer and an audio output.
 
 ```
-OSC thread --Job--> bounded queue --> worker (Engine) --chunks--> Voice --> mixer --> Ring --> callback --> DAC
-     \\--cache hit: Voice straight to the mixer (a preloaded /trigger does not wait behind a generate)
+OSC thread --Job--> bounded queue --> worker (Engine) --chunks--> Voice --> slot table --> callback --> DAC
+     \\--cache hit: Voice straight to a slot (a preloaded /trigger does not wait behind a generate)
 ```
+
+Timing (scsynth's model): a generate or trigger in a bundle time-tagged in the future starts at the sample whose
+DAC time is the tag; an untimed one starts at receipt + the constant latency (`--latency`, `/set latency`), or
+as soon as possible when that is 0. The tag is converted to the stream clock once, on receipt (clock.py), and
+the compiled callback places the voice in its block (rtmix.py). A start already past plays at once and gets
+`/soundctm/late id seconds`; a tag more than `--horizon` seconds ahead is refused.
 
 The OSC thread reads raw datagrams from its own UDP socket (no python-osc server): it receives up to 64 KiB so
 an oversized datagram gets a `/fail` instead of vanishing; one blocking thread keeps messages in order; the
@@ -30,10 +36,11 @@ from typing import Any
 import numpy as np
 
 from . import addresses as A
+from .clock import WallClock, ntp_to_unix
 from .gcwatch import GCWatch, freeze_startup_heap
-from .osc import MAX_DATAGRAM, OscError, decode_packet, encode_message, peek_address
+from .osc import IMMEDIATELY, MAX_DATAGRAM, OscError, decode_packet, encode_message, is_immediate, peek_address
 from .render import RenderError, check_name
-from .worker import LOST, PLAYING, Job, TakeCache, Worker
+from .worker import BUSY_VOICES, LOST, PLAYING, Job, TakeCache, Worker
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ REPLY_BUDGET_MIN = 4096
 REPLY_BUDGET_FACTOR = 4
 MAX_LOGGED_SOURCES = 1024  # refused sources logged once each, up to this many (then only counted)
 WATCH_PERIOD = 0.1  # seconds between device-watchdog looks
+CLOCK_SYNC_PERIOD = 0.5  # seconds between clock-mapping measurements (sooner after a clock jump)
 SO_RCVBUF_BYTES = 4 << 20
 
 
@@ -60,7 +68,9 @@ class DaemonConfig:
     samplerate: int = 48000
     blocksize: int = 256
     channels: int = 2
-    lead_blocks: float = 1.0
+    voices: int = 64  # voice slots: sounding or waiting for their start time at once
+    latency_ms: float = 0.0  # untimed generate/trigger/stop take effect at receipt + this (0: as soon as possible)
+    horizon_s: float = 10.0  # a bundle time-tagged further ahead is refused
     device: str | int | None = None
     output: Path | None = None
     no_audio: bool = False
@@ -128,7 +138,7 @@ class Daemon:
         self, engine: Any, config: DaemonConfig, output: Any = None, sock: socket.socket | None = None
     ) -> None:
         from .mixer import Mixer
-        from .ring import Ring
+        from .rtmix import SlotTable
 
         self.engine = engine
         self.cfg = config
@@ -136,15 +146,16 @@ class Daemon:
         self.defaults: dict[str, Any] = {}
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=config.max_queue)
         self.cache = TakeCache(config.cache_mb << 20)
-        self.ring: Ring | None = None
+        self.table: SlotTable | None = None
         self.mixer: Mixer | None = None
+        self.wall = WallClock()  # time.time() (what time tags are in) against perf_counter
         if output is not None:
-            self.ring = output.ring
-            lead = round(config.lead_blocks * config.blocksize)
-            self.mixer = Mixer(self.ring, config.samplerate, config.blocksize, lead, output.to_perf)
+            self.table = output.table
+            self.mixer = Mixer(self.table, config.samplerate, output.to_perf)
         self.worker = Worker(engine, self.jobs, self.mixer, config.samplerate, self.cache, self.reply)
         if self.mixer is not None:
             self.mixer.on_started = self.worker.on_started
+            self.mixer.on_unplayed = self.worker.on_unplayed
         if config.render_dir is not None:
             config.render_dir.mkdir(parents=True, exist_ok=True)  # renders open it by descriptor (render.py)
         self.sock = sock if sock is not None else bind_socket(config.host, config.port)
@@ -208,7 +219,7 @@ class Daemon:
                     )
                     return
                 try:
-                    self.handle_message(m.address, m.args, client, t_receipt)
+                    self.handle_message(m.address, m.args, client, t_receipt, m.timetag)
                 except A.Refusal as e:
                     self._fail(client, m.address.rsplit("/", 1)[-1][:40], str(e))
                 except Exception as e:  # a bug must not take the OSC thread down
@@ -256,8 +267,39 @@ class Daemon:
             return
         self.reply(job.client, "/soundctm/ack", job.id)
 
-    def handle_message(self, address: str, args: tuple[Any, ...], client: tuple[str, int], t_receipt: float) -> None:
+    def latency_ms(self) -> float:
+        """The constant latency now in force (ms; 0: as soon as possible)."""
+        return float(self.defaults.get("latency", self.cfg.latency_ms))
+
+    def _check_horizon(self, timetag: int) -> None:
+        if is_immediate(timetag):
+            return
+        ahead = ntp_to_unix(timetag) - time.time()
+        if ahead > self.cfg.horizon_s:
+            raise A.Refusal(f"too far ahead: time tag {ahead:.3f} s from now, horizon {self.cfg.horizon_s:g} s")
+
+    def _when(self, timetag: int, t_receipt: float) -> float:
+        """When a message's effect is due, on the stream clock (s): its bundle's time tag, or receipt + the
+        constant latency; NaN for as soon as possible (and always without an audio output)."""
+        if self.output is None:
+            return math.nan
+        if is_immediate(timetag):
+            lat = self.latency_ms()
+            return math.nan if lat <= 0 else float(self.output.from_perf(t_receipt)) + lat / 1e3
+        return float(self.output.from_perf(self.wall.to_perf(ntp_to_unix(timetag))))
+
+    def handle_message(
+        self,
+        address: str,
+        args: tuple[Any, ...],
+        client: tuple[str, int],
+        t_receipt: float,
+        timetag: int = IMMEDIATELY,
+    ) -> None:
+        """Run one message. Generate, trigger and stop take effect at the message's time (`_when`); the others
+        at once. Raises A.Refusal."""
         req = A.parse(address, args)  # raises Refusal
+        self._check_horizon(timetag)
         v = req.values
         c = req.command
         self.counters[c] += 1
@@ -275,12 +317,16 @@ class Daemon:
             vid = int(v.get("id", 0))
             if vid and not self._is_live(vid):
                 raise A.Refusal(f"no such voice: {vid} is not queued, generating or playing")
+            t_stop = self._when(timetag, t_receipt)
             if self.mixer is not None:
-                self.mixer.stop_voice(vid)
+                self.mixer.stop_voice(vid, t_stop)
             for job in self._live_jobs():
                 if vid == 0 or job.id == vid:
-                    job.cancelled = True  # the worker ends it with /fail ... stopped
-            if vid == 0:
+                    if math.isnan(t_stop):
+                        job.cancelled = True  # the worker ends it with /fail ... stopped
+                    else:
+                        job.t_stop = t_stop  # its voice, once there, ends at t_stop (never plays if it starts later)
+            if vid == 0 and math.isnan(t_stop):
                 self._drain_queue()
             self.reply(client, "/soundctm/ack", vid)  # the voice's id (0: all), not a fresh one
         elif c in ("generate", "trigger", "preload", "render"):
@@ -289,6 +335,8 @@ class Daemon:
             gain = v.get("gain", self.defaults.get("gain", 1.0))
             pan = v.get("pan", self.defaults.get("pan", 0.0))
             job = Job(self._new_id(), c, t_receipt, client, v["prompt"], gain=gain, pan=pan)
+            if c in PLAYING:
+                job.t_start = self._when(timetag, t_receipt)
             if c == "render":
                 job.render_root, job.render_name = self._render_target(v["filename"])
                 job.path = job.render_root / job.render_name
@@ -296,7 +344,8 @@ class Daemon:
                 take = self.cache.next(v["prompt"])
                 if take is not None:
                     self.reply(client, "/soundctm/ack", job.id)
-                    self.worker.play_take(job, take)
+                    if not self.worker.play_take(job, take):
+                        self.worker.fail(job, BUSY_VOICES)
                     return
             job.params = self._engine_params(v)
             job.takes = int(v.get("takes", 1))
@@ -313,10 +362,7 @@ class Daemon:
         """Whether /stop id has something to stop: a queued or generating job, or a voice still sounding."""
         if any(job.id == vid for job in self._live_jobs()):
             return True
-        if self.mixer is None:
-            return False
-        voices = [*list(self.mixer.inbox), *list(self.mixer.voices)]  # copies: the mixer thread owns them
-        return any(voice.id == vid and not voice.done for voice in voices)
+        return self.mixer is not None and self.mixer.has_voice(vid)
 
     def _check_defaults(self, d: dict[str, Any]) -> None:
         p = {
@@ -371,8 +417,8 @@ class Daemon:
         """State and counters (also the /status reply, flattened to key value pairs)."""
         lat = sorted(self.worker.latencies)
 
-        def pct(q: float) -> float:
-            return float(lat[min(len(lat) - 1, math.ceil(q * len(lat)) - 1)]) if lat else -1.0
+        def pct(q: float, xs: list[float] = lat) -> float:
+            return float(xs[min(len(xs) - 1, math.ceil(q * len(xs)) - 1)]) if xs else -1.0
 
         prompts, takes, cache_bytes = self.cache.stats()
         mode = "no-audio" if self.output is None else ("file" if self.cfg.output is not None else "audio")
@@ -396,19 +442,36 @@ class Daemon:
             "latency_p50_ms": pct(0.5),
             "latency_p99_ms": pct(0.99),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "latency_ms": self.latency_ms(),
+            "horizon_s": self.cfg.horizon_s,
         }
-        if self.ring is not None:
-            s.update(self.ring.counters())
+        if self.table is not None:
+            s.update(self.table.counters())
+            s["dac_jitter_max_ms"] = round(1e3 * self.table.dac_jitter_max(), 4)
         if self.mixer is not None:
-            s["voice_gaps"] = self.mixer.voice_gaps
+            errors = list(self.mixer.schedule_errors)
+            mag = sorted(1e3 * abs(e) for e in errors)
+            s["scheduled"] = self.mixer.scheduled()
+            s["late"] = self.mixer.late
+            s["schedule_error_last_ms"] = 1e3 * errors[-1] if errors else -1.0
+            s["schedule_error_p50_ms"] = pct(0.5, mag)
+            s["schedule_error_p99_ms"] = pct(0.99, mag)
+            s["schedule_error_max_ms"] = mag[-1] if mag else -1.0
             s["latencies_flagged"] = self.mixer.latencies_flagged
             s["latency_flag_reason"] = self.mixer.latency_flag_reason
         if self.output is not None:
             s["clock_sync_error_ms"] = round(1e3 * float(self.output.sync_error), 4)
+            s["clock_error_ms"] = round(1e3 * self.clock_error(), 4)
         if self.device_lost is not None:
             s["device_error"] = self.device_lost
         s.update(self.gc.counters())
         return s
+
+    def clock_error(self) -> float:
+        """Error bound (s) of the time-tag -> DAC mapping: half of each link's bracket, plus how far each offset
+        moved at its last re-measurement (the drift one sync period can leave)."""
+        out = self.output
+        return float(out.sync_error + out.sync_step) + self.wall.error if out is not None else self.wall.error
 
     def status_args(self) -> list[Any]:
         out: list[Any] = []
@@ -448,9 +511,17 @@ class Daemon:
         return False
 
     def _clock_loop(self) -> None:
-        while not self._stop.wait(1.0) and self.device_lost is None:
+        """Re-measure both clock links every CLOCK_SYNC_PERIOD, and at once after the callback saw a clock jump."""
+        assert self.table is not None
+        last, jumps = time.monotonic(), self.table.counters()["clock_jumps"]
+        while not self._stop.wait(0.05) and self.device_lost is None:
+            j = self.table.counters()["clock_jumps"]
+            if j == jumps and time.monotonic() - last < CLOCK_SYNC_PERIOD:
+                continue
+            last, jumps = time.monotonic(), j
             try:
                 self.output.sync_clock()
+                self.wall.sync()
             except Exception:  # the stream may be closing
                 return
 
@@ -472,16 +543,14 @@ class Daemon:
 
         resample(np.zeros(64, dtype=np.float32), self.engine.sample_rate, self.cfg.samplerate)  # compile (numba)
         if self.output is not None:
-            assert self.mixer is not None and self.ring is not None
-            self.ring.warmup()
-            self.mixer.mix(self.cfg.blocksize)  # first-call costs out of the way
+            assert self.table is not None
+            self.table.warmup()  # compiled before the stream starts
         # after every start-up allocation: later collections scan only new objects (gcwatch module docstring)
         log.info("froze %d start-up objects out of the collector's way", freeze_startup_heap())
         self.gc.install()
         self.worker.start()
         if self.output is not None:
             assert self.mixer is not None
-            self.mixer.step()  # publish the first lead of silence before the stream starts
             self.mixer.start()
             self.output.start()
             for target, name in ((self._clock_loop, "soundctm-clock-sync"), (self._watch_loop, "soundctm-watchdog")):
@@ -525,12 +594,12 @@ def open_output(config: DaemonConfig) -> Any:
     Raises audio.NoAudioDevice with advice when there is no device.
     """
     from .audio import ClockedSink, DeviceOutput
-    from .ring import Ring
+    from .mixer import FADE_SECONDS
+    from .rtmix import SlotTable
 
     if config.no_audio:
         return None
-    lead = round(config.lead_blocks * config.blocksize)
-    ring = Ring(max(4 * config.blocksize, 2 * lead + config.blocksize), config.channels)
+    table = SlotTable(config.voices, config.channels, config.samplerate, round(FADE_SECONDS * config.samplerate))
     if config.output is not None:
-        return ClockedSink(ring, config.samplerate, config.blocksize, config.output)
-    return DeviceOutput(ring, config.samplerate, config.blocksize, config.channels, config.device)
+        return ClockedSink(table, config.samplerate, config.blocksize, config.output)
+    return DeviceOutput(table, config.samplerate, config.blocksize, config.channels, config.device)

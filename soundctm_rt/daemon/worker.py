@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import queue
 import threading
@@ -41,6 +42,8 @@ class Job:
     gain: float = 1.0
     pan: float = 0.0
     takes: int = 1
+    t_start: float = math.nan  # requested start of its voice, stream clock (s); NaN: as soon as possible
+    t_stop: float = math.nan  # a timed /stop that came before the voice existed, stream clock (s)
     path: Path | None = None  # render target as reported in /done: render_root / render_name
     render_root: Path | None = None
     render_name: PurePosixPath | None = None  # checked on arrival (render.check_name), confined again at write
@@ -165,25 +168,37 @@ class Worker:
         self.reply(job.client, "/soundctm/done", *args)
 
     def on_started(self, voice: Voice, latency_ms: float) -> None:
-        """Mixer callback: the voice's first sample reached the DAC at receipt + latency_ms."""
+        """Mixer callback: the voice's first sample reached the DAC at receipt + latency_ms; a voice that started
+        after its requested time gets `/soundctm/late id seconds` first."""
         job = getattr(voice, "job", None)
         if job is None:
             return
+        if voice.late_s > 0:
+            self.reply(job.client, "/soundctm/late", job.id, float(voice.late_s))
         job.latency_ms = latency_ms
         self._finish(job)
 
-    def play_take(self, job: Job, take: np.ndarray) -> None:
-        """Start a cached take (called from the OSC thread for cache hits: it does not wait behind the queue)."""
+    def on_unplayed(self, voice: Voice) -> None:
+        """Mixer callback: the voice ended before its first sample (a /stop came before its start time)."""
+        job = getattr(voice, "job", None)
+        if job is not None:
+            self.fail(job, job.cancel_reason)
+
+    def _voice(self, job: Job, **kwargs: Any) -> Voice:
+        v = Voice(job.id, job.t_receipt, job.gain, job.pan, t_start=job.t_start, t_stop=job.t_stop, **kwargs)
+        v.job = job  # type: ignore[attr-defined]
+        return v
+
+    def play_take(self, job: Job, take: np.ndarray) -> bool:
+        """Start a cached take (called from the OSC thread for cache hits: it does not wait behind the queue).
+        False when every voice slot is taken (the caller refuses the request)."""
         if self.mixer is None:
             job.latency_ms = (time.perf_counter() - job.t_receipt) * 1e3
-        else:
-            v = Voice(job.id, job.t_receipt, job.gain, job.pan)
-            v.job = job  # type: ignore[attr-defined]
-            v.push(take)
-            v.close()
-            self.mixer.add(v)
+        elif not self.mixer.add(self._voice(job, take=take)):
+            return False
         job.timing = {"rtf": 0.0, "audio_seconds": len(take) / self.device_rate, "total_ms": 0.0}
         self._finish(job)
+        return True
 
     # --- jobs ---
     def _stream_into_voice(self, job: Job) -> np.ndarray:
@@ -194,31 +209,37 @@ class Worker:
         parts: list[np.ndarray] = []
 
         def should_stop() -> bool:
-            return job.cancelled or (voice is not None and voice.stopped) or self.device_lost is not None
+            stopped = voice is not None and (voice.stopped or voice.ended)
+            return job.cancelled or stopped or self.device_lost is not None
 
-        for chunk in eng.stream(job.prompt, should_stop=should_stop, **job.params):
-            y = rs.push(chunk)
-            parts.append(y)
-            if self.mixer is None:
-                if job.latency_ms is None:
-                    job.latency_ms = (time.perf_counter() - job.t_receipt) * 1e3
-                continue
-            if voice is None:
-                voice = Voice(job.id, job.t_receipt, job.gain, job.pan)
-                voice.job = job  # type: ignore[attr-defined]
-                voice.push(y)
-                self.mixer.add(voice)
-            else:
-                voice.push(y)
-        tail = rs.flush()
-        parts.append(tail)
-        if voice is not None:
-            voice.push(tail)
-            voice.close()
+        try:
+            for chunk in eng.stream(job.prompt, should_stop=should_stop, **job.params):
+                y = rs.push(chunk)
+                parts.append(y)
+                if self.mixer is None:
+                    if job.latency_ms is None:
+                        job.latency_ms = (time.perf_counter() - job.t_receipt) * 1e3
+                    continue
+                if voice is None:
+                    duration = float(job.params.get("duration") or eng.max_duration)
+                    n_in = round(duration * eng.sample_rate)
+                    voice = self._voice(job, capacity=math.ceil(n_in * self.device_rate / eng.sample_rate) + 64)
+                    voice.push(y)
+                    if not self.mixer.add(voice):
+                        raise _Busy
+                else:
+                    voice.push(y)
+            tail = rs.flush()
+            parts.append(tail)
+            if voice is not None:
+                voice.push(tail)
+        finally:
+            if voice is not None:
+                voice.close()  # also on failure: the mixer frees a slot only once its producer is done with it
         if self.device_lost is not None and self.mixer is not None:
             job.cancel_reason = LOST
             raise _Stopped
-        if job.cancelled or (voice is not None and voice.stopped) or eng.last_timing is None:
+        if job.cancelled or (voice is not None and (voice.stopped or voice.cut)) or eng.last_timing is None:
             raise _Stopped
         return np.concatenate(parts)
 
@@ -273,6 +294,8 @@ class Worker:
                 self._run_job(job)
             except (_Stopped, SamplingStopped):  # ours, or the engine's between sampling steps
                 self.fail(job, job.cancel_reason)
+            except _Busy:
+                self.fail(job, BUSY_VOICES)
             except RenderError as e:
                 self.fail(job, str(e))
             except Exception as e:  # the engine refused or broke: tell the client, keep serving
@@ -310,3 +333,10 @@ def lower_thread_priority(nice: int) -> bool:
 
 class _Stopped(Exception):
     """The job was cancelled by /stop."""
+
+
+class _Busy(Exception):
+    """Every voice slot is taken: the job's voice cannot play."""
+
+
+BUSY_VOICES = "busy: every voice is playing or scheduled (--voices)"
