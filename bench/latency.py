@@ -31,8 +31,9 @@ import numpy as np
 import typer
 
 from soundctm_rt.daemon.client import OscClient
-from soundctm_rt.daemon.jack import JackDummy, jack_available
-from soundctm_rt.daemon.process import serve_process
+
+from .jack import JackDummy, jack_available
+from .process import serve_process
 
 
 @contextlib.contextmanager

@@ -474,7 +474,7 @@ def _manifest(
         "export": {
             "options": {**asdict(opts), "captions": len(opts.captions), "caption_corpora": len(opts.caption_corpora)},
             "seconds": round(seconds, 1),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "versions": {
                 "soundctm_rt": __version__,
                 "torch": torch.__version__,

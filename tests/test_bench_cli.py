@@ -133,9 +133,9 @@ def test_bench_bad_steps(tiny_bundle):
 
 def test_bench_latency_without_jack_is_a_failure(monkeypatch):
     """No jackd is a failure to run (exit 1, one error line), not a wrong command line (2)."""
-    from soundctm_rt.bench import latency
     from typer.testing import CliRunner
 
+    from soundctm_rt.bench import latency
     from soundctm_rt.cli import app
 
     monkeypatch.setattr(latency, "jack_available", lambda: "jackd not found")

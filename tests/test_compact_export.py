@@ -88,6 +88,7 @@ def test_int8_gather_refuses_a_table_off_its_grid(tmp_path, tiny_source):
     import copy
 
     import torch
+
     from soundctm_rt.export.compact import int8_word_embedding_gather, quantise_word_embeddings, word_embedding
     from soundctm_rt.export.onnx_io import export_onnx
     from soundctm_rt.export.wrappers import TextEncoderExport
@@ -130,9 +131,9 @@ def test_export_cli_compact_and_bad_options(tmp_path):
 def test_bench_rebuilds_the_torch_student_from_float16_storage(compact_bundle):
     """bench's torch-eager comparison reads the student's weights back out of the compact ONNX files."""
     import torch
-    from soundctm_rt.bench.torch_student import load_student_from_bundle
 
     from soundctm_rt.backends import BackendOptions, open_session
+    from soundctm_rt.bench.torch_student import load_student_from_bundle
     from soundctm_rt.bundle import Bundle
 
     b = Bundle.open(compact_bundle)

@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_distill_run import distill_dataset  # noqa: F401 - module fixture
+
 from soundctm_rt.train import control as C
 from soundctm_rt.train import control_curves as cc
-from test_distill_run import distill_dataset  # noqa: F401 - module fixture
 
 torch.set_num_threads(1)
 PROMPTS = ["a dog barking", "Roland TR-808 snare drum"]

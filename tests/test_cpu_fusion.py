@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
 from soundctm_rt.export.cpu_fusion import MS_DOMAIN, fuse_for_cpu
 
 

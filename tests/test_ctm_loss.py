@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from soundctm_rt.train import ctm, edm
 from soundctm_rt.train.models.config import EDMConfig
 from soundctm_rt.train.models.denoiser import Conditioning

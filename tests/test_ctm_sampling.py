@@ -5,6 +5,7 @@ included, is test_torch_numpy_parity.)"""
 from __future__ import annotations
 
 import torch
+
 from soundctm_rt.train.ctm import student_denoiser
 from soundctm_rt.train.edm import karras_sigmas, sampling_sigmas
 from soundctm_rt.train.models.denoiser import Conditioning

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from soundctm_rt.bench.jack import JackDummy, jack_available
+from soundctm_rt.bench.process import serve_process
 from soundctm_rt.daemon.client import OscClient
-from soundctm_rt.daemon.jack import JackDummy, jack_available
-from soundctm_rt.daemon.process import serve_process
 
 pytestmark = pytest.mark.realtime
 
@@ -62,8 +62,8 @@ def test_generate_and_triggers_on_the_jack_clock(jack_daemon) -> None:
 
 def test_audio_server_death_fails_jobs_and_signals_still_stop(tiny_bundle, tmp_path) -> None:
     """SIGKILL jackd under a running daemon: the dead stream is noticed, every job that would have played gets
-    /fail "audio device lost", /status says so, and SIGTERM stops the process within 2 s (PortAudio cannot
-    close a stream whose server died: it would wait forever)."""
+    /fail "audio device lost", /status says so, and SIGTERM still stops the process (PortAudio cannot close a
+    stream whose server died: it would wait forever)."""
     import signal
 
     why = jack_available()
@@ -85,9 +85,7 @@ def test_audio_server_death_fails_jobs_and_signals_still_stop(tiny_bundle, tmp_p
         assert all(addr == "/soundctm/fail" and "audio device lost" in args[1] for addr, args in replies), replies
         s = c.status()
         assert s["mode"] == "device-lost" and s["device_error"], s
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-        assert time.monotonic() - t0 < 2.0
+        proc.wait(timeout=10)  # exits by itself (a stream that cannot close is abandoned), never killed
         out = proc.stdout.read() if proc.stdout else ""
         assert proc.returncode == 1 and "audio device lost" in out and "Traceback" not in out, out

@@ -41,12 +41,18 @@ def test_ping_and_status(client) -> None:
 
 
 def test_generate_plays_and_reports_latency(client, daemon) -> None:
+    t_sent = time.perf_counter()  # the daemon runs in this process: its receipt and DAC times are on this clock
     client.send("/soundctm/generate", "gritty", 808.0, "snare", 7.0, 1.0)  # as Pd sends it
     _, (job,) = client.expect("/soundctm/ack")
     addr, args = client.expect(DONE_OR_FAIL, 30, match=lambda a: a[-1] == job or a[0] == job)
+    t_done = time.perf_counter()
     assert addr == "/soundctm/done", args
     _, latency_ms, rtf, audio_s, _total_ms = args
-    assert 0 < latency_ms < 5000 and rtf > 0 and audio_s == pytest.approx(daemon.engine.max_duration, rel=1e-3)
+    # The first sample reaches the DAC after receipt, and /done is sent once the block holding it was mixed, at
+    # most one block (the sink's output latency) before that block's DAC time.
+    block_ms = 1e3 * daemon.cfg.blocksize / daemon.cfg.samplerate
+    assert 0 < latency_ms <= 1e3 * (t_done - t_sent) + block_ms, (latency_ms, t_done - t_sent)
+    assert rtf > 0 and audio_s == pytest.approx(daemon.engine.max_duration, rel=1e-3)
     assert daemon.status()["latency_last_ms"] == pytest.approx(latency_ms)
 
 
@@ -98,11 +104,11 @@ def test_render_writes_inside_the_folder(client, daemon) -> None:
 
 def test_full_queue_answers_busy_at_once(client) -> None:
     n = 12  # queue of 2 + one in the worker: the rest must be refused immediately
-    t0 = time.perf_counter()
     for i in range(n):
         client.send("/soundctm/generate", "busy test", i)
-    replies = [client.expect(("/soundctm/ack", "/soundctm/fail"), 5) for _ in range(n)]
-    assert time.perf_counter() - t0 < 2.0
+    replies = [client.expect(("/soundctm/ack", "/soundctm/fail", "/soundctm/done"), 5) for _ in range(n)]
+    # every request is answered before any job finishes: a refusal does not wait for room in the queue
+    assert all(addr != "/soundctm/done" for addr, _ in replies), replies
     busy = [a for addr, a in replies if addr == "/soundctm/fail"]
     assert busy and all(a[:2] == ("generate", "busy") for a in busy)
     acked = [a[0] for addr, a in replies if addr == "/soundctm/ack"]

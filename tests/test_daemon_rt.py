@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import gc
 import os
 import sys
@@ -10,9 +11,25 @@ from pathlib import Path
 
 import pytest
 
+from soundctm_rt.bench.jack import JackDummy, xrun_counts
 from soundctm_rt.daemon.gcwatch import GCWatch
-from soundctm_rt.daemon.jack import JackDummy
 from soundctm_rt.daemon.worker import lower_thread_priority
+
+JACKD_LOGS = Path(__file__).resolve().parent / "fixtures" / "jackd"
+RUNTIME = Path(__file__).resolve().parent.parent / "soundctm_rt"
+
+
+def test_no_runtime_module_imports_the_bench_harness() -> None:
+    """The JACK harness and the serve-process helpers live in bench/ (installed as soundctm_rt.bench)."""
+    for path in RUNTIME.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("bench" in n.split(".") for n in names), f"{path}: imports {names}"
 
 
 def test_xruns_are_attributed_to_the_clock_or_the_graph(tmp_path: Path) -> None:
@@ -27,6 +44,26 @@ def test_xruns_are_attributed_to_the_clock_or_the_graph(tmp_path: Path) -> None:
         "no message buffer overruns\n"
     )
     assert jack.xruns() == {"clock": 2, "clock_max_late_us": 5694, "graph": 1}
+
+
+@pytest.mark.parametrize(
+    "log,counts",
+    [
+        # jackd -S (as JackDummy runs it): the driver waits for a slow client, so its cycles run late and the
+        # dummy driver reports its own late wake-ups, 19 us to 700 ms
+        ("dummy_sync_slow_client.log", {"clock": 4, "clock_max_late_us": 700226, "graph": 0}),
+        # jackd without -S: the driver goes on, and each cycle the client misses is the graph's (an XRun line,
+        # a Process error line, or both)
+        ("dummy_async_slow_client.log", {"clock": 0, "clock_max_late_us": 0, "graph": 20}),
+    ],
+)
+def test_xrun_counts_of_recorded_jackd_logs(log: str, counts: dict[str, float]) -> None:
+    """Golden logs: jackd 1.9.21's own output (dummy driver, 48 kHz, 256 frames, non-realtime) with a PortAudio
+    client whose callback overran a few cycles."""
+    text = (JACKD_LOGS / log).read_text()
+    assert text.startswith("jackdmp 1.9.21\n")
+    assert xrun_counts(text) == counts
+    assert JackDummy(log_path=JACKD_LOGS / log).xruns() == counts
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")

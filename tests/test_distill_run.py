@@ -19,6 +19,7 @@ SPLIT_COUNTS = {"train": 5, "valid": 2, "test": 2}
 def build_synthetic_corpus(root: Path):
     """Three sound classes with `path, caption, label, split` columns; returns the data Source."""
     import soundfile as sf
+
     from soundctm_rt.train.data import Source
 
     rng = np.random.default_rng(0)
@@ -151,8 +152,9 @@ def test_ema_is_updated_after_every_step_and_resume_is_exact(
 
 
 def test_cli_dry_run_and_switches(distill_dataset: Path, teacher_run: Path, tmp_path: Path) -> None:
-    from soundctm_rt.train.cli import app
     from typer.testing import CliRunner
+
+    from soundctm_rt.train.cli import app
 
     args = ["distill", "-c", "tiny", "--teacher", str(teacher_run), "--data", str(distill_dataset)]
     res = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "r"), "--distance", "l2", "--dry-run"])
@@ -192,8 +194,9 @@ def test_two_process_gloo_ddp(distill_dataset: Path, teacher_run: Path, tmp_path
 
 
 def test_cost_probe_times_every_part(tmp_path: Path) -> None:
-    from soundctm_rt.train.cli import app
     from typer.testing import CliRunner
+
+    from soundctm_rt.train.cli import app
 
     out = tmp_path / "cost.json"
     res = CliRunner().invoke(

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from soundctm_rt.train.models.config import VAEConfig
 from soundctm_rt.train.models.dsp import HANN_OLA_GAIN, InverseRFFT, hann, overlap_add_valid
 from soundctm_rt.train.models.vae import VAE, pad_context

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from soundctm_rt.train import edm
-from soundctm_rt.train.models.dit import omega_embedding
 
 from soundctm_rt import sampling as np_sampling
+from soundctm_rt.train import edm
+from soundctm_rt.train.models.dit import omega_embedding
 
 
 def test_karras_grid_endpoints_and_order():
@@ -71,6 +71,7 @@ def test_gamma_zero_sampling_is_the_chain_of_jumps():
 def test_gamma_zero_sampling_needs_no_noise():
     """γ = 0 injects no noise, so the distiller's sample writer may pass none (it once crashed on steps > 1)."""
     import torch
+
     from soundctm_rt.train.sampling import sample_gamma
 
     def jump(x, t, s):

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_distill_run import distill_dataset, student_run, teacher_run  # noqa: F401 - module fixtures
+
 from soundctm_rt.train import eval as ev
 from soundctm_rt.train.birdnet import LogMelEmbedding, windows
-from test_distill_run import distill_dataset, student_run, teacher_run  # noqa: F401 - module fixtures
 
 
 def test_frechet_distance_closed_forms():
@@ -195,6 +196,7 @@ def test_eval_of_the_teacher_alone(teacher_run: Path, distill_dataset: Path, tmp
 def test_reconstruction_embedding_report_and_verdict(distill_dataset: Path):  # noqa: F811
     """The data README's VAE adoption test: identity beats a destructive 'reconstruction' on KID and probe."""
     import torch
+
     from soundctm_rt.train.birdnet import make_embedding
     from soundctm_rt.train.data import ClipDataset
     from soundctm_rt.train.recon_embedding import adoption_verdict, embedding_report
@@ -249,8 +251,9 @@ def test_level_and_per_class_table():
 
 def test_decoder_gate_cli_writes_the_verdict(distill_dataset: Path, tmp_path: Path):  # noqa: F811
     """`train vae-embedding-report -c tiny-mel`: the config's mel decoder and a variant against mel128 + GL32."""
-    from soundctm_rt.train.cli import app
     from typer.testing import CliRunner
+
+    from soundctm_rt.train.cli import app
 
     out = tmp_path / "gate.json"
     args = ["vae-embedding-report", "--data", str(distill_dataset), "-c", "tiny-mel", "--json", str(out)]
@@ -270,8 +273,9 @@ def test_decoder_gate_cli_writes_the_verdict(distill_dataset: Path, tmp_path: Pa
 
 def test_baseline_sweep_cli_orders_the_pca_codes_by_rate(distill_dataset: Path, tmp_path: Path):  # noqa: F811
     """`train baseline-sweep`: every k is measured with its rate, and a bad --components is refused."""
-    from soundctm_rt.train.cli import app
     from typer.testing import CliRunner
+
+    from soundctm_rt.train.cli import app
 
     out = tmp_path / "sweep.json"
     args = ["baseline-sweep", "--data", str(distill_dataset), "--json", str(out), "--embedding", "logmel"]

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from soundctm_rt.bench.process import serve_process, stop_process, wait_for_line
 from soundctm_rt.daemon.client import OscClient
-from soundctm_rt.daemon.jack import wait_for_line
-from soundctm_rt.daemon.process import serve_process, stop_process
 
 pytestmark = pytest.mark.realtime
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from soundctm_rt.train.checkpoint import init_random
 from soundctm_rt.train.models.config import available_configs, load_model_config
 

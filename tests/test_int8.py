@@ -96,6 +96,7 @@ def test_old_manifests_with_one_onnxruntime_file_still_load(int8_bundle, tmp_pat
 
 def test_weight_only_compression_keeps_each_weight_once():
     import onnxruntime as ort
+
     from soundctm_rt.export.int8 import compress_weights
 
     rng = np.random.default_rng(0)

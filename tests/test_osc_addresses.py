@@ -51,3 +51,30 @@ def test_refusals(address: str, args: tuple, reason: str) -> None:
 
 def test_docs_embed_the_table() -> None:
     assert A.markdown() in DOCS.read_text(), "docs/osc.md is out of date: paste addresses.markdown() into it"
+
+
+def test_every_command_names_a_handler_of_the_daemon() -> None:
+    import inspect
+
+    from soundctm_rt.daemon.server import Daemon
+
+    for c in A.COMMANDS.values():
+        handler = getattr(Daemon, c.handler, None)
+        assert callable(handler), f"{c.address}: Daemon has no {c.handler}"
+        assert list(inspect.signature(handler).parameters) == ["self", "req", "client", "t_receipt", "timetag"]
+
+
+def test_engine_params_map_request_values_over_set_defaults() -> None:
+    req = A.parse("/soundctm/generate", ("x", 7, 2, 0.5, 3.0))
+    defaults = {"cfg": 1.0, "nu": 2.0, "duration": 1.5, "gain": 0.5, "latency": 20.0}
+    assert A.engine_params(req.values, defaults) == {
+        "seed": 7,
+        "steps": 2,
+        "gamma": 0.5,
+        "omega": 3.0,  # the request's cfg wins over the default
+        "nu": 2.0,
+        "duration": 1.5,
+    }
+    # nothing given: the bundle's defaults (None) and seed 0; only generation parameters pass
+    assert A.engine_params({}, {}) == dict.fromkeys(("steps", "gamma", "omega", "nu", "duration")) | {"seed": 0}
+    assert set(A.ENGINE_PARAMS) <= set(A.SET_KEYS)

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+
+from soundctm_rt.engine import Engine
+from soundctm_rt.sampling import draw_noise
 from soundctm_rt.train.edm import sampling_sigmas
 from soundctm_rt.train.models.denoiser import Conditioning
 from soundctm_rt.train.models.text import load_tokenizer, tokenize
 from soundctm_rt.train.sampling import guided_jump, sample_gamma
-
-from soundctm_rt.engine import Engine
-from soundctm_rt.sampling import draw_noise
 
 
 @pytest.mark.parametrize("steps, gamma, nu", [(1, 0.0, 1.0), (3, 0.0, 1.0), (3, 0.7, 1.0), (2, 1.0, 2.5)])

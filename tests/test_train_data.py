@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from soundctm_rt.train.data import ClipDataset, DataConfig, Source, choose_crops, list_files
 from soundctm_rt.train.loop import DistEnv, batches, lr_at, step_generator
 
@@ -97,8 +98,9 @@ def build_corpus(root: Path) -> tuple[list[Source], dict[str, str]]:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """The fixture corpus prepared through the CLI with the tiny config."""
-    from soundctm_rt.train.cli import app
     from typer.testing import CliRunner
+
+    from soundctm_rt.train.cli import app
 
     root = tmp_path_factory.mktemp("corpus")
     sources, expect = build_corpus(root)

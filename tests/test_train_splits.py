@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from soundctm_rt.train.data import DataConfig, Source, list_files, prepare_dataset
 from typer.testing import CliRunner
+
+from soundctm_rt.train.data import DataConfig, Source, list_files, prepare_dataset
 
 N_CLIPS = 17
 CLIP = 16 * 1024  # tiny: 16 frames x hop 1024; tiny-mel: 32 frames x hop 512

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from soundctm_rt.train.data import prepare_dataset
 from test_train_data import build_corpus
+
+from soundctm_rt.train.data import prepare_dataset
 
 
 def _log(run: Path) -> list[dict]:
@@ -183,8 +184,9 @@ def test_teacher_on_the_mel_code_trains_then_distils(dataset: Path, tmp_path: Pa
 
 
 def test_dry_run_prints_config_and_writes_nothing(dataset: Path, tmp_path: Path) -> None:
-    from soundctm_rt.train.cli import app
     from typer.testing import CliRunner
+
+    from soundctm_rt.train.cli import app
 
     res = CliRunner().invoke(
         app,
@@ -292,6 +294,7 @@ def test_resume_may_extend_the_steps_but_change_nothing_else():
 
 def test_vae_decoder_finetune_keeps_the_latent_space(dataset: Path, vae_run: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
+
     from soundctm_rt.train.checkpoint import init_random, swap_vae
     from soundctm_rt.train.models.config import load_model_config
     from soundctm_rt.train.vae_decoder_train import train_vae_decoder

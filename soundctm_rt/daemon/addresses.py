@@ -1,8 +1,10 @@
 """The OSC address space: one table, the single source of truth for the parser, the replies and docs/osc.md.
 
 `parse(address, args)` turns a decoded message into a `Request` (command name + validated values) or raises
-`Refusal(reason)`, which the server answers with `/soundctm/fail <command> <reason>`. Engine-specific limits
-(steps available, clip length) are checked afterwards by `Engine.check_params`.
+`Refusal(reason)`, which the server answers with `/soundctm/fail <command> <reason>`. Each command names the
+server method that runs it (`Command.handler`); the server dispatches through the table. Engine-specific limits
+(steps available, clip length) are checked afterwards by `Engine.check_params`, on the keywords `engine_params`
+maps the request's values and the /set defaults to.
 
 Argument rules, for patches written in Pd, Max and SuperCollider:
 - a number is accepted as int or float where an int is meant, if it is integral (Pd sends only floats);
@@ -14,6 +16,7 @@ Argument rules, for patches written in Pd, Max and SuperCollider:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,7 @@ class Command:
     signature: str  # as documented: positional arguments, [optional]
     doc: str
     reply: str
+    handler: str  # the server's method that runs it: handler(request, client, t_receipt, timetag)
     prompt: bool = False  # takes a (possibly split) prompt first
     filename: bool = False  # the last string is a file name (render)
     args: tuple[Arg, ...] = field(default_factory=tuple)
@@ -73,6 +77,8 @@ SET_KEYS["latency"] = Arg(
     "possible (the daemon's --latency)",
 )
 SET_ONLY = ("nu", "latency")  # keys of /set that are not also arguments of a command
+# the request values (and /set keys) that are generation parameters, and Engine.check_params' name for each
+ENGINE_PARAMS = {"seed": "seed", "steps": "steps", "gamma": "gamma", "cfg": "omega", "nu": "nu", "duration": "duration"}
 
 COMMANDS: dict[str, Command] = {
     c.name: c
@@ -83,6 +89,7 @@ COMMANDS: dict[str, Command] = {
             "Generate and play, at the bundle's time tag or receipt + latency (see Timing). Streams: the first block "
             "plays before the clip is fully decoded.",
             "/soundctm/ack id, then /soundctm/done id latency_ms rtf audio_seconds total_ms",
+            "handle_job",
             prompt=True,
             args=GEN_ARGS,
         ),
@@ -91,6 +98,7 @@ COMMANDS: dict[str, Command] = {
             "prompt [takes]",
             "Generate takes (seeds 0..takes-1, current defaults) into the cache for /trigger.",
             "/soundctm/ack id, then /soundctm/done id 0 rtf audio_seconds total_ms when cached",
+            "handle_job",
             prompt=True,
             args=(TAKES,),
         ),
@@ -100,6 +108,7 @@ COMMANDS: dict[str, Command] = {
             "Play the next cached take of the prompt (round robin) at the bundle's time tag, receipt + latency, or at "
             "once; generates one if none is cached.",
             "/soundctm/ack id, then /soundctm/done id latency_ms 0 audio_seconds 0",
+            "handle_job",
             prompt=True,
             args=(GAIN, PAN),
         ),
@@ -109,6 +118,7 @@ COMMANDS: dict[str, Command] = {
             "Stop one job or voice (queued, generating or playing; a short fade) or all of them; at the bundle's time "
             "tag or receipt + latency when either is set.",
             "/soundctm/ack id (the voice's id; 0 for all), or /soundctm/fail stop 'no such voice...'",
+            "handle_stop",
             args=(VOICE,),
         ),
         Command(
@@ -116,14 +126,22 @@ COMMANDS: dict[str, Command] = {
             "key value",
             "Set a default for later requests; keys: " + ", ".join(SET_KEYS) + ".",
             "/soundctm/ack id",
+            "handle_set",
         ),
-        Command("status", "", "Report state and counters.", "/soundctm/status.reply key value key value ..."),
-        Command("ping", "", "Liveness check.", "/soundctm/pong"),
+        Command(
+            "status",
+            "",
+            "Report state and counters.",
+            "/soundctm/status.reply key value key value ...",
+            "handle_status",
+        ),
+        Command("ping", "", "Liveness check.", "/soundctm/pong", "handle_ping"),
         Command(
             "render",
             "prompt filename [seed steps gamma cfg duration]",
             "Generate to a WAV file inside --render-dir (no audio device needed).",
             "/soundctm/ack id, then /soundctm/done id 0 rtf audio_seconds total_ms path",
+            "handle_job",
             prompt=True,
             filename=True,
             args=(SEED, STEPS, GAMMA, CFG, DURATION),
@@ -153,6 +171,9 @@ REPLIES = {
 class Request:
     command: str
     values: dict[str, Any]
+
+
+Handler = Callable[[Request, tuple[str, int], float, int], None]  # (request, client, t_receipt, timetag)
 
 
 def fmt_number(x: float) -> str:
@@ -230,6 +251,15 @@ def parse(address: str, args: tuple[Any, ...]) -> Request:
     for a, spec in zip(rest, cmd.args, strict=False):
         values[spec.name] = _number(a, spec)
     return Request(cmd.name, values)
+
+
+def engine_params(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Engine.check_params keywords: each generation parameter from the request's values, else the /set
+    default, else None (the bundle's default; seed 0)."""
+    p = {engine: values.get(key, defaults.get(key)) for key, engine in ENGINE_PARAMS.items()}
+    if p["seed"] is None:
+        p["seed"] = 0
+    return p
 
 
 def markdown() -> str:

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,6 +38,35 @@ class NoAudioDevice(RuntimeError):
 STALL_SECONDS = 1.0  # no callbacks for this long: the device is lost (a callback is due every few ms)
 CLOSE_TIMEOUT = 1.0
 NO_DEVICE_HINT = "no audio output device ({why}); use --output FILE.wav to record, or --no-audio for replies only"
+
+
+class AudioOutput(Protocol):
+    """What the daemon needs of an audio output: the device (DeviceOutput) or a software clock that writes a WAV
+    file or discards (ClockedSink). Its callback or clock thread renders `table`; times are on its stream clock.
+    """
+
+    table: SlotTable  # the voice slots it plays
+    sync_error: float  # half the bracket of the last clock sync, seconds
+    sync_step: float  # how far the clock offset moved at the last sync, seconds
+    abandoned: bool  # the stream could not be closed: leave the process without PortAudio's atexit
+
+    def start(self) -> None:
+        """Start playing (rendering) the table."""
+
+    def close(self) -> None:
+        """Stop and release the stream or file."""
+
+    def sync_clock(self) -> float:
+        """Re-measure the stream clock against time.perf_counter(); returns the offset, seconds."""
+
+    def to_perf(self, t_stream: float) -> float:
+        """A stream-clock time as time.perf_counter() time, seconds."""
+
+    def from_perf(self, t_perf: float) -> float:
+        """A time.perf_counter() time on the stream clock, seconds."""
+
+    def lost(self) -> str | None:
+        """Why the output died, or None while it plays."""
 
 
 class DeviceOutput:

@@ -64,18 +64,16 @@ def serve(
     threads: int | None = typer.Option(None, min=1, help="Intra-op threads (default: cores - 1 with audio)."),
 ) -> None:
     """Serve prompts over OSC: /soundctm/generate 'gritty 808 snare' 7 plays it (see docs/osc.md)."""
-    import ipaddress
-
     from ..bundle import BundleError, resolve_bundle
     from .audio import NoAudioDevice
-    from .server import BindError, Daemon, DaemonConfig, bind_socket, client_address, open_output
+    from .server import BindError, Daemon, DaemonConfig, bind_socket, client_address, open_output, parse_allow
 
     if sum([device is not None, output is not None, no_audio]) > 1:
         raise _err("choose one of --device, --output and --no-audio")
     if output is not None and output.suffix.lower() != ".wav":
         raise _err(f"--output must end in .wav, got {output}")
     try:
-        nets = [ipaddress.ip_network(a, strict=False) for a in allow]
+        nets = parse_allow(allow)
     except ValueError as e:
         raise _err(f"bad --allow: {e}") from None
     for n in nets:
@@ -91,7 +89,7 @@ def serve(
         sock = bind_socket(host, port)
     except BindError as e:
         raise _err(str(e), 1) from None
-    if not client_address(sock.getsockname()[0]).is_loopback and not allow:
+    if not client_address(sock.getsockname()[0]).is_loopback and not nets:
         sock.close()
         raise _err(f"binding to {host} exposes the daemon: add --allow ADDR for each client (or bind 127.0.0.1)")
     dev: str | int | None = int(device) if device is not None and device.isdigit() else device

@@ -29,9 +29,10 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +42,10 @@ from .gcwatch import GCWatch, freeze_startup_heap
 from .osc import IMMEDIATELY, MAX_DATAGRAM, OscError, decode_packet, encode_message, is_immediate, peek_address
 from .render import RenderError, check_name
 from .worker import BUSY_VOICES, LOST, PLAYING, Job, TakeCache, Worker
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+    from .audio import AudioOutput
 
 log = logging.getLogger(__name__)
 
@@ -107,35 +112,52 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def client_address(host: str) -> Any:
+def client_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The client's IP address; an IPv4 client seen through an IPv6 socket (::ffff:a.b.c.d) as IPv4."""
     ip = ipaddress.ip_address(host.split("%", 1)[0])
     mapped = getattr(ip, "ipv4_mapped", None)
     return mapped if mapped is not None else ip
 
 
-def _allowed_networks(bound: str, allow: list[str]) -> list[Any] | None:
-    """None: any client (loopback bind); else the networks allowed (loopback always is)."""
-    nets = [ipaddress.ip_network(a, strict=False) for a in allow]
+def parse_allow(allow: Sequence[str]) -> list[Network]:
+    """The --allow entries as networks (an address is a network of one). Raises ValueError on a bad entry."""
+    return [ipaddress.ip_network(a, strict=False) for a in allow]
+
+
+def allowed_networks(bound: str, allow: Sequence[str]) -> list[Network] | None:
+    """None: any client (bound to loopback, no --allow); else the networks allowed (loopback always is).
+
+    Raises ValueError on a bad --allow entry."""
+    nets = parse_allow(allow)
     if not nets and client_address(bound).is_loopback:
         return None
     return [*nets, *LOOPBACK]
+
+
+def is_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allowed: Sequence[Network]) -> bool:
+    """Whether a client address is in one of the allowed networks."""
+    return any(ip.version == n.version and ip in n for n in allowed)
 
 
 class Daemon:
     """The running service. `start()` binds and starts the threads; `stop()` ends them (within ~1 s).
 
     Args:
-        engine: a soundctm_rt.engine.Engine, built with audio_active=True when audio plays.
+        engine: the engine, built with audio_active=True when audio plays.
         config: the options.
-        output: an audio output (audio.DeviceOutput / audio.ClockedSink) or None for replies only;
-            normally built by `open_output`.
+        output: the audio output (the device, or a clocked sink writing a file or discarding), None for replies
+            only; normally built by `open_output`.
     """
 
     def __init__(
-        self, engine: Any, config: DaemonConfig, output: Any = None, sock: socket.socket | None = None
+        self,
+        engine: Engine,
+        config: DaemonConfig,
+        output: AudioOutput | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         from .mixer import Mixer
         from .rtmix import SlotTable
@@ -161,11 +183,12 @@ class Daemon:
         self.sock = sock if sock is not None else bind_socket(config.host, config.port)
         self.sock.settimeout(0.1)
         self.address = self.sock.getsockname()
-        self.allowed = _allowed_networks(self.address[0], config.allow)
+        self.allowed = allowed_networks(self.address[0], config.allow)
         self.disallowed_sources: set[str] = set()  # sources already logged once (bounded)
         loopback = "::1" if self.sock.family == socket.AF_INET6 else "127.0.0.1"
         self.reply_to = (config.reply_host or loopback, config.reply_port) if config.reply_port else None
         self.next_id = 1
+        self._handlers: dict[str, A.Handler] = {c.name: getattr(self, c.handler) for c in A.COMMANDS.values()}
         self.counters: collections.Counter[str] = collections.Counter()
         self.started_at = time.monotonic()
         self._stop = threading.Event()
@@ -228,18 +251,10 @@ class Daemon:
         finally:
             self._tl.reply_bytes = None
 
-    def _engine_params(self, v: dict[str, Any]) -> dict[str, Any]:
-        d = self.defaults
-        p = {
-            "seed": v.get("seed", d.get("seed", 0)),
-            "steps": v.get("steps", d.get("steps")),
-            "gamma": v.get("gamma", d.get("gamma")),
-            "omega": v.get("cfg", d.get("cfg")),
-            "nu": d.get("nu"),
-            "duration": v.get("duration", d.get("duration")),
-        }
+    def _checked_params(self, values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        """The engine's generation parameters for these request values over these defaults; raises Refusal."""
         try:
-            return self.engine.check_params(**p)
+            return self.engine.check_params(**A.engine_params(values, defaults))
         except ValueError as e:
             raise A.Refusal(str(e)) from None
 
@@ -296,60 +311,67 @@ class Daemon:
         t_receipt: float,
         timetag: int = IMMEDIATELY,
     ) -> None:
-        """Run one message. Generate, trigger and stop take effect at the message's time (`_when`); the others
-        at once. Raises A.Refusal."""
+        """Run one message through its command's handler (the address table names it). Generate, trigger and
+        stop take effect at the message's time (`_when`); the others at once. Raises A.Refusal."""
         req = A.parse(address, args)  # raises Refusal
         self._check_horizon(timetag)
+        self.counters[req.command] += 1
+        self._handlers[req.command](req, client, t_receipt, timetag)
+
+    def handle_ping(self, req: A.Request, client: tuple[str, int], t_receipt: float, timetag: int) -> None:
+        self.reply(client, "/soundctm/pong")
+
+    def handle_status(self, req: A.Request, client: tuple[str, int], t_receipt: float, timetag: int) -> None:
+        self.reply(client, "/soundctm/status.reply", *self.status_args())
+
+    def handle_set(self, req: A.Request, client: tuple[str, int], t_receipt: float, timetag: int) -> None:
+        key, value = req.values["key"], req.values["value"]
+        if key in A.ENGINE_PARAMS:
+            self._checked_params({}, {**self.defaults, key: value})
+        self.defaults[key] = value
+        self.reply(client, "/soundctm/ack", self._new_id())
+
+    def handle_stop(self, req: A.Request, client: tuple[str, int], t_receipt: float, timetag: int) -> None:
+        vid = int(req.values.get("id", 0))
+        if vid and not self._is_live(vid):
+            raise A.Refusal(f"no such voice: {vid} is not queued, generating or playing")
+        t_stop = self._when(timetag, t_receipt)
+        if self.mixer is not None:
+            self.mixer.stop_voice(vid, t_stop)
+        for job in self._live_jobs():
+            if vid == 0 or job.id == vid:
+                if math.isnan(t_stop):
+                    job.cancelled = True  # the worker ends it with /fail ... stopped
+                else:
+                    job.t_stop = t_stop  # its voice, once there, ends at t_stop (never plays if it starts later)
+        if vid == 0 and math.isnan(t_stop):
+            self._drain_queue()
+        self.reply(client, "/soundctm/ack", vid)  # the voice's id (0: all), not a fresh one
+
+    def handle_job(self, req: A.Request, client: tuple[str, int], t_receipt: float, timetag: int) -> None:
+        """generate, trigger, preload and render: a Job for the worker (a cached trigger plays at once)."""
         v = req.values
         c = req.command
-        self.counters[c] += 1
-        if c == "ping":
-            self.reply(client, "/soundctm/pong")
-        elif c == "status":
-            self.reply(client, "/soundctm/status.reply", *self.status_args())
-        elif c == "set":
-            if v["key"] in ("steps", "gamma", "cfg", "duration", "seed", "nu"):
-                trial = {**self.defaults, v["key"]: v["value"]}
-                self._check_defaults(trial)
-            self.defaults[v["key"]] = v["value"]
-            self.reply(client, "/soundctm/ack", self._new_id())
-        elif c == "stop":
-            vid = int(v.get("id", 0))
-            if vid and not self._is_live(vid):
-                raise A.Refusal(f"no such voice: {vid} is not queued, generating or playing")
-            t_stop = self._when(timetag, t_receipt)
-            if self.mixer is not None:
-                self.mixer.stop_voice(vid, t_stop)
-            for job in self._live_jobs():
-                if vid == 0 or job.id == vid:
-                    if math.isnan(t_stop):
-                        job.cancelled = True  # the worker ends it with /fail ... stopped
-                    else:
-                        job.t_stop = t_stop  # its voice, once there, ends at t_stop (never plays if it starts later)
-            if vid == 0 and math.isnan(t_stop):
-                self._drain_queue()
-            self.reply(client, "/soundctm/ack", vid)  # the voice's id (0: all), not a fresh one
-        elif c in ("generate", "trigger", "preload", "render"):
-            if c in PLAYING and self.device_lost is not None:
-                raise A.Refusal(f"{LOST}: {self.device_lost}; restart the daemon")
-            gain = v.get("gain", self.defaults.get("gain", 1.0))
-            pan = v.get("pan", self.defaults.get("pan", 0.0))
-            job = Job(self._new_id(), c, t_receipt, client, v["prompt"], gain=gain, pan=pan)
-            if c in PLAYING:
-                job.t_start = self._when(timetag, t_receipt)
-            if c == "render":
-                job.render_root, job.render_name = self._render_target(v["filename"])
-                job.path = job.render_root / job.render_name
-            if c == "trigger":
-                take = self.cache.next(v["prompt"])
-                if take is not None:
-                    self.reply(client, "/soundctm/ack", job.id)
-                    if not self.worker.play_take(job, take):
-                        self.worker.fail(job, BUSY_VOICES)
-                    return
-            job.params = self._engine_params(v)
-            job.takes = int(v.get("takes", 1))
-            self._enqueue(job)
+        if c in PLAYING and self.device_lost is not None:
+            raise A.Refusal(f"{LOST}: {self.device_lost}; restart the daemon")
+        gain = v.get("gain", self.defaults.get("gain", 1.0))
+        pan = v.get("pan", self.defaults.get("pan", 0.0))
+        job = Job(self._new_id(), c, t_receipt, client, v["prompt"], gain=gain, pan=pan)
+        if c in PLAYING:
+            job.t_start = self._when(timetag, t_receipt)
+        if c == "render":
+            job.render_root, job.render_name = self._render_target(v["filename"])
+            job.path = job.render_root / job.render_name
+        if c == "trigger":
+            take = self.cache.next(v["prompt"])
+            if take is not None:
+                self.reply(client, "/soundctm/ack", job.id)
+                if not self.worker.play_take(job, take):
+                    self.worker.fail(job, BUSY_VOICES)
+                return
+        job.params = self._checked_params(v, self.defaults)
+        job.takes = int(v.get("takes", 1))
+        self._enqueue(job)
 
     def _live_jobs(self) -> list[Job]:
         """The jobs waiting in the queue and the one generating (a snapshot)."""
@@ -363,20 +385,6 @@ class Daemon:
         if any(job.id == vid for job in self._live_jobs()):
             return True
         return self.mixer is not None and self.mixer.has_voice(vid)
-
-    def _check_defaults(self, d: dict[str, Any]) -> None:
-        p = {
-            "steps": d.get("steps"),
-            "gamma": d.get("gamma"),
-            "omega": d.get("cfg"),
-            "nu": d.get("nu"),
-            "duration": d.get("duration"),
-            "seed": d.get("seed", 0),
-        }
-        try:
-            self.engine.check_params(**p)
-        except ValueError as e:
-            raise A.Refusal(str(e)) from None
 
     def _drain_queue(self, reason: str = "stopped", only: tuple[str, ...] | None = None) -> None:
         """Fail every queued job (or those whose command is in `only`; the others go back in order)."""
@@ -501,8 +509,7 @@ class Daemon:
     def _is_allowed(self, host: str) -> bool:
         """Whether --allow admits this source; a refused one is counted, and logged the first time it is seen."""
         assert self.allowed is not None
-        ip = client_address(host)
-        if any(ip.version == n.version and ip in n for n in self.allowed):
+        if is_allowed(client_address(host), self.allowed):
             return True
         self.counters["disallowed"] += 1
         if host not in self.disallowed_sources and len(self.disallowed_sources) < MAX_LOGGED_SOURCES:
@@ -512,7 +519,8 @@ class Daemon:
 
     def _clock_loop(self) -> None:
         """Re-measure both clock links every CLOCK_SYNC_PERIOD, and at once after the callback saw a clock jump."""
-        assert self.table is not None
+        assert self.table is not None and self.output is not None
+        out = self.output
         last, jumps = time.monotonic(), self.table.counters()["clock_jumps"]
         while not self._stop.wait(0.05) and self.device_lost is None:
             j = self.table.counters()["clock_jumps"]
@@ -520,16 +528,18 @@ class Daemon:
                 continue
             last, jumps = time.monotonic(), j
             try:
-                self.output.sync_clock()
+                out.sync_clock()
                 self.wall.sync()
             except Exception:  # the stream may be closing
                 return
 
     def _watch_loop(self) -> None:
         """The device watchdog: a dead stream is noticed within ~WATCH_PERIOD (or its stall time)."""
+        assert self.output is not None
+        out = self.output
         while not self._stop.wait(WATCH_PERIOD):
             try:
-                reason = self.output.lost()
+                reason = out.lost()
             except Exception as e:  # asking a dying stream can fail too: that is the answer
                 reason = f"the audio stream failed: {e}"
             if reason is not None:
@@ -588,7 +598,7 @@ class Daemon:
         return bool(getattr(self.output, "abandoned", False))
 
 
-def open_output(config: DaemonConfig) -> Any:
+def open_output(config: DaemonConfig) -> AudioOutput | None:
     """The audio output the config asks for: None (--no-audio), a ClockedSink (--output) or the device.
 
     Raises audio.NoAudioDevice with advice when there is no device.

@@ -14,13 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..sampling import Stopped as SamplingStopped
 from .mixer import Mixer, StreamResampler, Voice, resample
 from .render import RenderError, write_wav
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ class Worker:
     """Runs jobs on the engine, one at a time, in order.
 
     Args:
-        engine: a soundctm_rt.engine.Engine (used from this thread only).
+        engine: the engine (used from this thread only).
         jobs: the bounded queue the OSC thread fills.
         mixer: where voices go; None in no-audio mode (replies only).
         device_rate: the output's sample rate (Hz).
@@ -109,7 +112,13 @@ class Worker:
     """
 
     def __init__(
-        self, engine: Any, jobs: queue.Queue[Job], mixer: Mixer | None, device_rate: int, cache: TakeCache, reply: Reply
+        self,
+        engine: Engine,
+        jobs: queue.Queue[Job],
+        mixer: Mixer | None,
+        device_rate: int,
+        cache: TakeCache,
+        reply: Reply,
     ) -> None:
         self.engine = engine
         self.jobs = jobs
@@ -250,6 +259,7 @@ class Worker:
             take = self._stream_into_voice(job)
             if job.command == "trigger":
                 self.cache.add(job.prompt, take)
+            assert eng.last_timing is not None  # without it _stream_into_voice raised _Stopped
             job.timing = eng.last_timing.to_dict()
             if job.latency_ms is None and self.mixer is not None and not take.size:
                 job.latency_ms = 0.0

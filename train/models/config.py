@@ -12,11 +12,10 @@ ModelConfig properties `latent_channels`, `latent_hop`, `latent_rate` and `sampl
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from soundctm_rt.melcode import MelCodeConfig
 

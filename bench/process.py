@@ -4,11 +4,11 @@ listens, and always stop it by PID (terminate, then kill)."""
 from __future__ import annotations
 
 import contextlib
+import selectors
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
-
-from .jack import wait_for_line
 
 
 @contextlib.contextmanager
@@ -35,3 +35,22 @@ def stop_process(p: subprocess.Popen[str], timeout: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
+
+
+def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float) -> str:
+    """Read the process's stdout until a line containing `text`; returns that line. Raises TimeoutError."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return line
+    raise TimeoutError(f"no {text!r} from {proc.args!r} within {timeout} s; got: {''.join(seen)[-2000:]}")

@@ -1,4 +1,4 @@
-"""A JACK2 dummy server as a real audio clock without a sound card (tests and `bench latency/soak`).
+"""A JACK2 dummy server as a real audio clock without a sound card (`bench latency/soak` and the tests).
 
 `jackd -S -d dummy -r RATE -p PERIOD -w USECS`: synchronous mode (-S) so PortAudio's DAC time is one period
 ahead, not two; `-w` must equal the period in microseconds, or the dummy driver sleeps its default 21.3 ms per
@@ -7,7 +7,7 @@ JACK_DEFAULT_SERVER. JACK_NO_AUDIO_RESERVATION=1 skips the D-Bus device reservat
 Start jackd before the process that imports sounddevice; stop that process (PortAudio terminated) first.
 
 Every JACK xrun reaches a PortAudio client as an output underflow, whoever caused it, so the server's log is
-kept and `xruns()` tells them apart: "JackTimedDriver::Process XRun = N usec" is the dummy driver's own timer
+kept and `xrun_counts()` tells them apart: "JackTimedDriver::Process XRun = N usec" is the dummy driver's own timer
 waking N µs late (the clock, not any client: a busy or virtualised machine delays even a SCHED_FIFO thread),
 any other xrun or process error is the graph's (a client did not finish its cycle in time).
 """
@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 CLOCK_XRUN = re.compile(r"JackTimedDriver::Process XRun = (\d+) usec")
@@ -29,6 +28,15 @@ GRAPH_XRUN = re.compile(r"XRun|not finished|process error|ProcessGraph.*error", 
 
 class JackError(RuntimeError):
     pass
+
+
+def xrun_counts(log: str) -> dict[str, float]:
+    """Xruns in a jackd log's text: `clock` (the dummy driver's timer woke late), `clock_max_late_us` (the
+    latest of those wake-ups, µs) and `graph` (lines of any other xrun or process error: a client missed its
+    cycle)."""
+    late = [int(m) for m in CLOCK_XRUN.findall(log)]
+    graph = sum(1 for line in log.splitlines() if GRAPH_XRUN.search(line) and not CLOCK_XRUN.search(line))
+    return {"clock": len(late), "clock_max_late_us": max(late, default=0), "graph": graph}
 
 
 def jack_available() -> str | None:
@@ -127,10 +135,8 @@ class JackDummy:
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
-            return {"clock": 0, "clock_max_late_us": 0, "graph": 0}
-        late = [int(m) for m in CLOCK_XRUN.findall(text)]
-        graph = sum(1 for line in text.splitlines() if GRAPH_XRUN.search(line) and not CLOCK_XRUN.search(line))
-        return {"clock": len(late), "clock_max_late_us": max(late, default=0), "graph": graph}
+            text = ""
+        return xrun_counts(text)
 
     def __enter__(self) -> JackDummy:
         return self.start()
@@ -139,24 +145,3 @@ class JackDummy:
         self.stop()
         if self._own_log:
             self.log_path.unlink(missing_ok=True)
-
-
-def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float) -> str:
-    """Read the process's stdout until a line containing `text`; returns that line. Raises TimeoutError."""
-    import selectors
-
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if text in line:
-            return line
-    raise TimeoutError(f"no {text!r} from {proc.args!r} within {timeout} s; got: {''.join(seen)[-2000:]}")
