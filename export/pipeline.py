@@ -24,6 +24,7 @@ import torch
 
 from ..backends import BackendOptions, open_file_session
 from ..bundle import write_manifest
+from ..manifest import AudioSpec, EdmSpec, GraphSpec, GuidanceSpec, LatentSpec, LicenseSpec, TextSpec
 from ..train.checkpoint import ModelSource
 from ..train.edm import karras_sigmas
 from ..train.models.text import MINILM_LICENSE, MINILM_SOURCE, load_tokenizer, tokenize, tokenizer_file
@@ -317,13 +318,7 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
                 ir_w.f.flush()
                 files["openvino"] = f"openvino/{gr.name}.xml"
                 weights["openvino"] = "openvino/weights.bin"
-            manifest_graphs[gr.name] = {
-                "files": files,
-                "weights": weights,
-                "inputs": inputs,
-                "outputs": outputs,
-                "attrs": gr.attrs,
-            }
+            manifest_graphs[gr.name] = GraphSpec(gr.name, files, weights, inputs, outputs, gr.attrs).to_dict()
             # parity gate: torch vs every backend on the fixed inputs
             ref = _torch_outputs(gr)
             parity[gr.name] = {}
@@ -361,29 +356,18 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
 
     shutil.copy(tokenizer_file(), out / "tokenizer.json")
     extra = ["tokenizer.json"]
-    licenses = []
+    licenses: list[LicenseSpec] = []
     if cfg.text.kind == "minilm":
         (out / "LICENSES").mkdir(exist_ok=True)
         (out / "LICENSES" / "all-MiniLM-L6-v2.txt").write_text(_MINILM_NOTICE)
         extra.append("LICENSES/all-MiniLM-L6-v2.txt")
         licenses.append(
-            {
-                "component": "text_encoder",
-                "name": "all-MiniLM-L6-v2",
-                "license": MINILM_LICENSE,
-                "source": MINILM_SOURCE,
-                "file": "LICENSES/all-MiniLM-L6-v2.txt",
-            }
+            LicenseSpec(
+                "text_encoder", "all-MiniLM-L6-v2", MINILM_LICENSE, MINILM_SOURCE, "LICENSES/all-MiniLM-L6-v2.txt"
+            )
         )
     else:
-        licenses.append(
-            {
-                "component": "tokenizer",
-                "name": "all-MiniLM-L6-v2 tokenizer",
-                "license": MINILM_LICENSE,
-                "source": MINILM_SOURCE,
-            }
-        )
+        licenses.append(LicenseSpec("tokenizer", "all-MiniLM-L6-v2 tokenizer", MINILM_LICENSE, MINILM_SOURCE, None))
 
     known: dict[str, Any] | None = None
     if opts.captions:  # what the runtime compares prompts against (known_prompts.py)
@@ -420,7 +404,7 @@ def _manifest(
     opts: ExportOptions,
     graphs: dict[str, Any],
     parity: dict[str, Any],
-    licenses: list[dict[str, Any]],
+    licenses: list[LicenseSpec],
     int8: dict[str, Any],
     extra: list[str],
     seconds: float,
@@ -443,33 +427,30 @@ def _manifest(
             "provenance": {**src.provenance, "git_revision": _git_revision()},
             "config": cfg.to_dict(),
         },
-        "audio": {"sample_rate": cfg.sample_rate, "channels": 1},
+        "audio": AudioSpec(sample_rate=cfg.sample_rate, channels=1).to_dict(),
         "latent": _latent_section(src, opts),
-        "edm": {
-            "sigma_min": cfg.edm.sigma_min,
-            "sigma_max": cfg.edm.sigma_max,
-            "rho": cfg.edm.rho,
-            "sigma_data": cfg.edm.sigma_data,
-        },
-        "guidance": {
-            "omega_min": cfg.edm.omega_min,
-            "omega_max": cfg.edm.omega_max,
-            "default_omega": cfg.edm.default_omega,
-            "default_nu": cfg.edm.default_nu,
-            "default_gamma": cfg.edm.default_gamma,
-            "default_steps": opts.default_steps or cfg.edm.default_steps,
-        },
-        "text": {
-            "encoder": cfg.text.kind,
-            "tokenizer": "tokenizer.json",
-            "max_length": cfg.text.max_length,
-            "hidden": int(src.text.hidden_size),
-        },
+        "edm": EdmSpec(
+            sigma_min=cfg.edm.sigma_min, sigma_max=cfg.edm.sigma_max, rho=cfg.edm.rho, sigma_data=cfg.edm.sigma_data
+        ).to_dict(),
+        "guidance": GuidanceSpec(
+            omega_min=cfg.edm.omega_min,
+            omega_max=cfg.edm.omega_max,
+            default_omega=cfg.edm.default_omega,
+            default_nu=cfg.edm.default_nu,
+            default_gamma=cfg.edm.default_gamma,
+            default_steps=opts.default_steps or cfg.edm.default_steps,
+        ).to_dict(),
+        "text": TextSpec(
+            encoder=cfg.text.kind,
+            tokenizer="tokenizer.json",
+            max_length=cfg.text.max_length,
+            hidden=int(src.text.hidden_size),
+        ).to_dict(),
         "graphs": graphs,
         "fused_steps": list(opts.steps),
         "int8": int8,
         "parity": {"min_snr_db": opts.min_snr_db, "graphs": parity},
-        "licenses": licenses,
+        "licenses": [lic.to_dict() for lic in licenses],
         "extra_files": extra,
         "export": {
             "options": {**asdict(opts), "captions": len(opts.captions), "caption_corpora": len(opts.caption_corpora)},
@@ -490,23 +471,19 @@ def _manifest(
 def _latent_section(src: ModelSource, opts: ExportOptions) -> dict[str, Any]:
     """The manifest's latent contract: shape, rate, the METHOD §5 statistics, and how to decode."""
     cfg = src.config
-    out: dict[str, Any] = {
-        "kind": cfg.latent,
-        "channels": cfg.latent_channels,
-        "frames": cfg.dit.latent_frames,
-        "frame_rate": cfg.latent_rate,
-        "hop": cfg.latent_hop,
-        "mean": src.latent_mean.tolist(),
-        "std": src.latent_std.tolist(),
-    }
-    if cfg.latent == "mel":
-        out["normalisation"] = "z' = 0.5*(z - mean)/std; the host decodes z = 2*std*z' + mean (METHOD 5b)"
-        out["mel"] = cfg.mel.to_dict()
-    else:
-        out["normalisation"] = "z' = 0.5*(z - mean)/std; decode z = 2*std*z' + mean (inside the decoder graphs)"
-        out["decoder_context"] = cfg.vae.decoder_context
-        out["stream_chunk"] = opts.stream_chunk
-    return out
+    mel = cfg.latent == "mel"
+    return LatentSpec(
+        kind=cfg.latent,
+        channels=cfg.latent_channels,
+        frames=cfg.dit.latent_frames,
+        hop=cfg.latent_hop,
+        frame_rate=cfg.latent_rate,
+        mean=tuple(src.latent_mean.tolist()),
+        std=tuple(src.latent_std.tolist()),
+        mel=cfg.mel.to_dict() if mel else None,
+        decoder_context=None if mel else cfg.vae.decoder_context,
+        stream_chunk=None if mel else opts.stream_chunk,
+    ).to_dict()
 
 
 _MINILM_NOTICE = """all-MiniLM-L6-v2 (sentence-transformers), used here as the frozen text encoder.

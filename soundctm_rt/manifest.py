@@ -2,12 +2,14 @@
 the runtime could not use, naming the field and the fix.
 
 Only what the runtime reads is typed here (the sections below); reports the runtime merely displays (parity,
-export options, provenance, compression) stay free-form in the raw manifest. Every file a section names must be in
+export options, provenance, compression) stay free-form in the raw manifest. The export writes the typed sections
+through the same classes (`to_dict`), so what is written is what is read. Every file a section names must be in
 the `files` table, so `Bundle.check_files` verifies it at load and a missing graph is found before it is needed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -22,6 +24,11 @@ LATENT_KINDS = ("mel", "vae")
 REQUIRED_GRAPHS = {
     "mel": ("text_encoder", "student_step"),
     "vae": ("text_encoder", "student_step", "vae_decoder", "vae_decoder_stream"),
+}
+# METHOD §5/§5b: how the stored latent relates to the code the decoder reads, per latent kind
+NORMALISATION = {
+    "mel": "z' = 0.5*(z - mean)/std; the host decodes z = 2*std*z' + mean (METHOD 5b)",
+    "vae": "z' = 0.5*(z - mean)/std; decode z = 2*std*z' + mean (inside the decoder graphs)",
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -119,6 +126,9 @@ class AudioSpec:
     sample_rate: int  # Hz
     channels: int
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"sample_rate": self.sample_rate, "channels": self.channels}
+
     @classmethod
     def from_dict(cls, v: Any, where: str) -> AudioSpec:
         d = _obj(v, "audio", where)
@@ -143,6 +153,25 @@ class LatentSpec:
     mel: dict[str, Any] | None
     decoder_context: int | None
     stream_chunk: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "kind": self.kind,
+            "channels": self.channels,
+            "frames": self.frames,
+            "frame_rate": self.frame_rate,
+            "hop": self.hop,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "normalisation": NORMALISATION[self.kind],
+        }
+        if self.mel is not None:
+            d["mel"] = dict(self.mel)
+        if self.decoder_context is not None:
+            d["decoder_context"] = self.decoder_context
+        if self.stream_chunk is not None:
+            d["stream_chunk"] = self.stream_chunk
+        return d
 
     @classmethod
     def from_dict(cls, v: Any, where: str) -> LatentSpec:
@@ -185,6 +214,9 @@ class EdmSpec:
     rho: float
     sigma_data: float
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
     @classmethod
     def from_dict(cls, v: Any, where: str) -> EdmSpec:
         d = _obj(v, "edm", where)
@@ -204,6 +236,9 @@ class GuidanceSpec:
     default_nu: float
     default_gamma: float
     default_steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, v: Any, where: str) -> GuidanceSpec:
@@ -227,6 +262,9 @@ class TextSpec:
     tokenizer: str  # relative path of the tokenizers-library JSON file
     max_length: int  # tokens the text encoder reads; longer prompts are cut
     hidden: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, v: Any, where: str) -> TextSpec:
@@ -255,6 +293,11 @@ class GraphSpec:
 
     def referenced_files(self) -> list[str]:
         return [*self.files.values(), *self.weights.values()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The graph's entry under `graphs.<name>` (the name is its key)."""
+        return {"files": self.files, "weights": self.weights, "inputs": self.inputs, "outputs": self.outputs,
+                "attrs": self.attrs}  # fmt: skip
 
     @classmethod
     def from_dict(cls, name: str, v: Any, where: str) -> GraphSpec:
@@ -344,6 +387,12 @@ class LicenseSpec:
     license: str
     source: str
     file: str | None  # the licence text inside the bundle, if shipped
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.file is None:
+            del d["file"]
+        return d
 
     @classmethod
     def from_dict(cls, i: int, v: Any, where: str) -> LicenseSpec:

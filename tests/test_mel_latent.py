@@ -146,6 +146,20 @@ def test_mel_bundle_has_no_decoder_graphs_and_states_its_code(tiny_mel_bundle):
     assert b.graph("fused_1").attrs["decode"] is False
 
 
+def test_typed_sections_are_what_export_wrote(tiny_mel_bundle, tiny_bundle):
+    """The export writes the typed sections through the manifest's own classes: reading and writing them back
+    gives the same JSON, for both latent kinds."""
+    from soundctm_rt.manifest import Manifest
+
+    for bundle in (tiny_mel_bundle, tiny_bundle):
+        raw = json.loads((bundle / "manifest.json").read_text())
+        m = Manifest.from_dict(raw, str(bundle))
+        for section in ("audio", "latent", "edm", "guidance", "text"):
+            assert getattr(m, section).to_dict() == raw[section], section
+        assert {name: g.to_dict() for name, g in m.graphs.items()} == raw["graphs"]
+        assert [lic.to_dict() for lic in m.licenses] == raw["licenses"]
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_mel_engine_fused_host_and_stream_agree(tiny_mel_bundle, backend):
     from soundctm_rt.engine import Engine
