@@ -111,3 +111,38 @@ def test_resampler_chunks_equal_whole_and_keep_a_sine() -> None:
     ref = np.sin(2 * np.pi * 440 * np.arange(len(whole)) / sr_out)
     mid = slice(100, len(whole) - 100)  # edges see the zero padding
     assert np.max(np.abs(whole[mid] - ref[mid])) < 2e-3
+
+
+def _tone_and_spur_db(y: np.ndarray, rate: int, f: float) -> tuple[float, float]:
+    """Level of the tone at f (nan above Nyquist) and of the loudest other component, dB re the input's 0.5."""
+    y = y[len(y) // 4 : 3 * len(y) // 4]
+    w = np.blackman(len(y))
+    spec = np.abs(np.fft.rfft(y * w)) / (0.25 * w.sum())
+    freqs = np.fft.rfftfreq(len(y), 1 / rate)
+    other = np.ones(len(spec), bool)
+    tone = math.nan
+    if f < rate / 2:
+        k = int(np.argmin(np.abs(freqs - f)))
+        tone = 20 * math.log10(spec[k - 3 : k + 4].max())
+        other[max(0, k - 20) : k + 21] = False
+    return tone, 20 * math.log10(spec[other].max() + 1e-12)
+
+
+def test_resampler_passband_is_flat_and_images_and_aliases_are_below_100_db() -> None:
+    """The model's 44.1 kHz to the usual device rates: up to 48 kHz (images just above 22.05 kHz fold back below
+    24 kHz) and down to 22.05 / 16 kHz (a tone above the new Nyquist must not alias into the band)."""
+    sr_in = 44100
+    t = np.arange(sr_in) / sr_in
+    for sr_out, f, passes in (
+        (48000, 20000, True),
+        (48000, 21500, True),
+        (22050, 10000, True),
+        (22050, 12000, False),
+        (22050, 15000, False),
+        (16000, 9000, False),
+    ):
+        x = (0.5 * np.sin(2 * np.pi * f * t)).astype(np.float32)
+        tone, spur = _tone_and_spur_db(resample(x, sr_in, sr_out), sr_out, f)
+        if passes and f <= 0.91 * min(sr_in, sr_out) / 2:
+            assert abs(tone) < 0.1, (sr_out, f, tone)
+        assert spur < -100, (sr_out, f, spur)

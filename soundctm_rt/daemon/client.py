@@ -1,4 +1,8 @@
-"""A small blocking OSC client for the daemon: what the benches and tests talk through, and a usage example."""
+"""A small blocking OSC client for the daemon: what the benches and tests talk through, and a usage example.
+
+It builds what it sends with python-osc (messages, and bundles time-tagged in Unix time, which python-osc writes
+as NTP), so every bench and test also checks the daemon's own strict decoder against an independent encoder.
+Replies are read with the daemon's decoder (osc.py), which reads the `c`/`S` tags python-osc still misreads."""
 
 from __future__ import annotations
 
@@ -6,8 +10,18 @@ import socket
 import time
 from typing import Any
 
-from .clock import unix_to_ntp
-from .osc import OscError, decode_packet, encode_bundle, encode_message
+from pythonosc.osc_bundle_builder import OscBundleBuilder
+from pythonosc.osc_message_builder import OscMessageBuilder
+
+from .osc import OscError, decode_packet
+
+
+def build_message(address: str, *args: Any) -> Any:
+    """A python-osc message: int -> i (h beyond int32), float -> f, str -> s, bytes -> b, bool -> T/F, None -> N."""
+    b = OscMessageBuilder(address)
+    for a in args:
+        b.add_arg(a)
+    return b.build()
 
 
 class OscClient:
@@ -27,11 +41,13 @@ class OscClient:
         self.port = self.sock.getsockname()[1]
 
     def send(self, address: str, *args: Any) -> None:
-        self.sock.sendto(encode_message(address, *args), self.target)
+        self.sock.sendto(build_message(address, *args).dgram, self.target)
 
     def send_at(self, t_unix: float, address: str, *args: Any) -> None:
         """Send one message in a bundle time-tagged at Unix time t_unix (scsynth style: it takes effect then)."""
-        self.sock.sendto(encode_bundle(unix_to_ntp(t_unix), encode_message(address, *args)), self.target)
+        bundle = OscBundleBuilder(t_unix)
+        bundle.add_content(build_message(address, *args))
+        self.sock.sendto(bundle.build().dgram, self.target)
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendto(data, self.target)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from numba import njit
+import soxr
 
 from .rtmix import ARMED, DONE, SlotTable
 
@@ -27,76 +27,42 @@ FADE_SECONDS = 0.005  # fade applied on /stop, so a cut voice does not click
 LATENCY_TOLERANCE_S = 0.001  # clock-sync error allowed before a first-sample time is called impossible
 
 
-@njit(cache=True, nogil=True)  # pure function of its own arrays: the other threads keep the interpreter
-def _sinc_kernel(x, p0, step, n_out, half, cutoff):  # pragma: no cover - compiled
-    # Hann-windowed sinc interpolation of x at positions p0 + k * step (in input samples).
-    out = np.empty(n_out, dtype=np.float32)
-    for k in range(n_out):
-        p = p0 + k * step
-        i0 = math.floor(p)
-        acc = 0.0
-        for j in range(i0 - half + 1, i0 + half + 1):
-            d = p - j
-            u = d / half
-            w = 0.5 + 0.5 * math.cos(math.pi * u)
-            a = cutoff * d
-            s = 1.0 if abs(a) < 1e-9 else math.sin(math.pi * a) / (math.pi * a)
-            acc += x[j] * cutoff * s * w
-        out[k] = acc
-    return out
+# libsoxr's high-quality setting. Measured here (tests/test_ring.py): a tone at 0.91 of the lower Nyquist passes at
+# -0.0 dB and every image or alias sits below -140 dB. The Hann-windowed sinc it replaced left images at -10 to
+# -38 dB next to the Nyquist of 44.1 -> 48 kHz and ran 100x slower (4.8 s for 10 s of audio, soxr 46 ms).
+SOXR_QUALITY = "HQ"
 
 
 class StreamResampler:
-    """Windowed-sinc resampling of a mono stream delivered in chunks; output is continuous across chunks.
+    """Resampling of a mono stream delivered in chunks (libsoxr); output is continuous across chunks and equals
+    resampling the whole stream at once. Output sample 0 is input sample 0: soxr holds back its filter delay
+    (about 200 samples at 44.1 -> 48 kHz) until more input or `flush` releases it.
 
     Args:
         rate_in: Hz of the input (the model's sample rate).
         rate_out: Hz of the output (the device's).
-        half: taps either side of each output sample.
     """
 
-    def __init__(self, rate_in: int, rate_out: int, half: int = 16) -> None:
-        self.step = rate_in / rate_out
+    def __init__(self, rate_in: int, rate_out: int) -> None:
         self.same = rate_in == rate_out
-        self.half = half
-        self.cutoff = min(1.0, rate_out / rate_in) * (0.95 if rate_out < rate_in else 1.0)
-        self.x = np.zeros(half, dtype=np.float32)  # left zero padding: output 0 sits on input 0
-        self.p = float(half)
+        self.ratio = rate_out / rate_in
+        self._soxr = None if self.same else soxr.ResampleStream(rate_in, rate_out, 1, "float32", SOXR_QUALITY)
         self.n_in = 0
         self.n_out = 0
 
-    def _emit(self) -> np.ndarray:
-        pmax = len(self.x) - 1 - self.half
-        if pmax < self.p:
-            return np.zeros(0, dtype=np.float32)
-        n = math.floor((pmax - self.p) / self.step) + 1
-        y = _sinc_kernel(self.x, self.p, self.step, n, self.half, self.cutoff)
-        self.p += n * self.step
-        drop = max(0, math.floor(self.p) - self.half)
-        self.x = self.x[drop:]
-        self.p -= drop
-        return y
-
     def push(self, chunk: np.ndarray) -> np.ndarray:
         """Resample the next input chunk `[n]` float32; returns what can be produced so far."""
-        chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32).reshape(-1)
         self.n_in += len(chunk)
-        if self.same:
-            self.n_out += len(chunk)
-            return chunk
-        self.x = np.concatenate([self.x, chunk])
-        y = self._emit()
+        y = chunk if self._soxr is None else self._soxr.resample_chunk(chunk)
         self.n_out += len(y)
         return y
 
     def flush(self) -> np.ndarray:
         """The tail: output up to round(n_in * rate_out / rate_in) samples in total."""
-        if self.same:
+        if self._soxr is None:
             return np.zeros(0, dtype=np.float32)
-        self.x = np.concatenate([self.x, np.zeros(self.half + 1, dtype=np.float32)])
-        y = self._emit()
-        want = round(self.n_in / self.step) - self.n_out
-        y = y[: max(0, want)]
+        y = self._soxr.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
         self.n_out += len(y)
         return y
 

@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import addresses as A
 from .clock import WallClock, ntp_to_unix
 from .gcwatch import GCWatch, freeze_startup_heap
@@ -549,9 +547,6 @@ class Daemon:
     # --- lifecycle ---
     def start(self) -> None:
         """Start the audio path, the worker and the OSC thread."""
-        from .mixer import resample
-
-        resample(np.zeros(64, dtype=np.float32), self.engine.sample_rate, self.cfg.samplerate)  # compile (numba)
         if self.output is not None:
             assert self.table is not None
             self.table.warmup()  # compiled before the stream starts
