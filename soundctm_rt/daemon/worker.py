@@ -265,15 +265,17 @@ class Worker:
                 job.latency_ms = 0.0
             self._finish(job)
         elif job.command == "preload":
-            total = 0.0
+            # seeds 0..takes-1 sampled as batches through the graphs (Engine.generate_variations); each take is
+            # cached as soon as it is decoded, so a /trigger can play the first before the last is done
+            t0 = time.perf_counter()
             seconds = 0.0
-            for seed in range(job.takes):
-                if job.cancelled:
-                    raise _Stopped
-                audio, timing = eng.generate(job.prompt, **{**job.params, "seed": seed})
-                self.cache.add(job.prompt, resample(audio, eng.sample_rate, self.device_rate))
-                total += timing.total_ms
-                seconds += timing.audio_seconds
+            params = {**job.params, "seed": 0}
+            for take in eng.generate_variations(job.prompt, job.takes, should_stop=lambda: job.cancelled, **params):
+                self.cache.add(job.prompt, resample(take.audio, eng.sample_rate, self.device_rate))
+                seconds += take.timing.audio_seconds
+            if job.cancelled:
+                raise _Stopped
+            total = 1e3 * (time.perf_counter() - t0)
             job.latency_ms = 0.0
             job.timing = {"rtf": total / 1e3 / max(seconds, 1e-9), "audio_seconds": seconds, "total_ms": total}
             self._finish(job)
