@@ -45,7 +45,7 @@ class OscClient:
 
     def send_at(self, t_unix: float, address: str, *args: Any) -> None:
         """Send one message in a bundle time-tagged at Unix time t_unix (scsynth style: it takes effect then)."""
-        bundle = OscBundleBuilder(t_unix)
+        bundle = OscBundleBuilder(t_unix)  # type: ignore[arg-type]  # annotated int; write_date takes float s
         bundle.add_content(build_message(address, *args))
         self.sock.sendto(bundle.build().dgram, self.target)
 

@@ -270,9 +270,11 @@ class Worker:
             t0 = time.perf_counter()
             seconds = 0.0
             params = {**job.params, "seed": 0}
-            for take in eng.generate_variations(job.prompt, job.takes, should_stop=lambda: job.cancelled, **params):
-                self.cache.add(job.prompt, resample(take.audio, eng.sample_rate, self.device_rate))
-                seconds += take.timing.audio_seconds
+            for variation in eng.generate_variations(
+                job.prompt, job.takes, should_stop=lambda: job.cancelled, **params
+            ):
+                self.cache.add(job.prompt, resample(variation.audio, eng.sample_rate, self.device_rate))
+                seconds += variation.timing.audio_seconds
             if job.cancelled:
                 raise _Stopped
             total = 1e3 * (time.perf_counter() - t0)
