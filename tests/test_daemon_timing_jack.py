@@ -116,19 +116,27 @@ def test_time_tagged_bundles_land_their_tags_apart_in_the_recording(jack_live) -
     assert 0 <= s["schedule_error_max_ms"] <= 1e3 / SR  # the daemon's own figure: within a sample of each tag
 
 
-def _latency_mode_triggers(jack: JackDummy, c: OscClient) -> tuple[list[float], bool]:
-    """12 untimed triggers (a generate among them); their /done latency_ms and whether the clock stayed clean."""
+def _latency_mode_triggers(jack: JackDummy, c: OscClient) -> tuple[list[float], list[bool], bool]:
+    """12 untimed triggers (a generate among them): their /done latency_ms, whether the daemon reported each as
+    late (/soundctm/late), and whether the clock stayed clean."""
     x0, j0 = jack.xruns(), c.status()["clock_jumps"]
-    lat = []
+    lat, late = [], []
     for i in range(12):
         if i == 6:
             c.send("/soundctm/generate", "snare", 5, 1)  # a generate running while triggers arrive
         c.send("/soundctm/trigger", "kick")
         _, (job,) = c.expect("/soundctm/ack")
-        _, args = c.expect("/soundctm/done", 10, match=lambda a, job=job: a[0] == job)
+        was_late = False
+        while True:
+            addr, args = c.expect(("/soundctm/done", "/soundctm/late"), 10, match=lambda a, job=job: a[0] == job)
+            if addr == "/soundctm/late":
+                was_late = True
+                continue
+            break
         lat.append(args[1])
+        late.append(was_late)
         time.sleep(0.0037 * (i % 5))  # arrivals at different phases of the period
-    return lat, jack.xruns()["clock"] == x0["clock"] and c.status()["clock_jumps"] == j0
+    return lat, late, jack.xruns()["clock"] == x0["clock"] and c.status()["clock_jumps"] == j0
 
 
 def test_constant_latency_mode_starts_untimed_triggers_at_receipt_plus_latency(jack_live) -> None:
@@ -136,7 +144,7 @@ def test_constant_latency_mode_starts_untimed_triggers_at_receipt_plus_latency(j
     c.send("/soundctm/set", "latency", 30)
     c.expect("/soundctm/ack")
     for _attempt in range(ATTEMPTS):
-        lat, clean = _latency_mode_triggers(jack, c)
+        lat, late, clean = _latency_mode_triggers(jack, c)
         if clean:
             break
     else:
@@ -145,7 +153,13 @@ def test_constant_latency_mode_starts_untimed_triggers_at_receipt_plus_latency(j
     assert s["latency_ms"] == 30.0  # (the generate may start late: its sampling can take longer than 30 ms)
     # receipt -> first sample: 30 ms to the sample, give or take the clock mapping's re-measurements since
     tolerance = 1e3 / SR + 2 * s["clock_error_ms"] + 0.01
-    worst = max(abs(ms - 30.0) for ms in lat)
+    # A trigger whose arming missed receipt + 30 ms (the interpreter starved on a loaded machine: CI measured one
+    # 1.3 ms late beside the generate) plays at once and is reported late, scsynth style; it is never early, and
+    # most triggers are on time.
+    assert sum(late) <= 2, (lat, late)
+    assert all(ms > 30.0 for ms, was_late in zip(lat, late, strict=True) if was_late), (lat, late)
+    on_time = [ms for ms, was_late in zip(lat, late, strict=True) if not was_late]
+    worst = max(abs(ms - 30.0) for ms in on_time)
     assert worst <= tolerance, f"worst error {worst:.4f} ms > {tolerance:.4f} ms: {lat}, {s['clock_error_ms']}"
 
 
