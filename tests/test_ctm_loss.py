@@ -73,6 +73,19 @@ def test_dsm_sigma_halves():
     assert float(k.min()) < lo * 1.05 and float(k.max()) > 0.95 * EDM.sigma_max
 
 
+def test_training_sigma_distribution_follows_the_config():
+    from soundctm_rt.train.losses import sample_log_normal_sigma
+
+    shifted = EDMConfig(p_mean=0.4, p_std=1.6)
+    for draw in (
+        torch.log(sample_log_normal_sigma(20000, torch.Generator().manual_seed(4), shifted.p_mean, shifted.p_std)),
+        torch.log(ctm.sample_dsm_sigma(40000, shifted, 0.7, torch.Generator().manual_seed(5))[:20000]),
+    ):
+        assert float(draw.mean()) == pytest.approx(0.4, abs=0.05) and float(draw.std()) == pytest.approx(1.6, abs=0.05)
+    with pytest.raises(ValueError, match="p_std"):
+        EDMConfig(p_std=0.0)
+
+
 def test_omega_draws_cover_the_range():
     w = ctm.sample_omega(5000, 2.0, 5.0, torch.Generator().manual_seed(3))
     assert 2.0 <= float(w.min()) < 2.01 and 4.99 < float(w.max()) <= 5.0

@@ -178,6 +178,9 @@ def test_teacher_on_the_mel_code_trains_then_distils(dataset: Path, tmp_path: Pa
         _initial_weights(ckpt, wider, src.latent_mean, src.latent_std)
     with pytest.raises(ValueError, match="statistics differ"):
         _initial_weights(ckpt, mc, src.latent_mean + 1.0, src.latent_std)
+    # the same corpus prepared again elsewhere: statistics a hundredth of a nat away keep the checkpoint's own
+    _, mu, std = _initial_weights(ckpt, mc, src.latent_mean + 0.01, src.latent_std * 1.001)
+    assert torch.equal(mu, src.latent_mean.float()) and torch.equal(std, src.latent_std.float())
     student = train_distill("tiny-mel", run, dataset, tmp_path / "student", threads=1, steps=2, sample_steps=())
     out = load_model_checkpoint(student / "final" / "student_model.safetensors")
     assert isinstance(out.codec, MelCodec) and torch.equal(out.latent_mean, src.latent_mean)
@@ -341,3 +344,31 @@ def test_vae_decoder_finetune_keeps_the_latent_space(dataset: Path, vae_run: Pat
     assert swapped.codec is child and swapped.provenance["vae_swap"]["vae_id"] == child_id
     with pytest.raises(ValueError, match="encoder"):
         swap_vae(src, init_random(cfg, seed=3).codec, mu, std, {})
+
+
+def test_sigma_profile_scores_what_the_denoiser_does(dataset: Path) -> None:
+    """With F = 0 the denoiser is D = c_skip·x_σ, whose error has a closed form and ignores the caption."""
+    from soundctm_rt.train.checkpoint import init_random
+    from soundctm_rt.train.data import ClipDataset
+    from soundctm_rt.train.latent import normalise
+    from soundctm_rt.train.models.config import load_model_config
+    from soundctm_rt.train.sigma_profile import format_profile, sigma_profile
+
+    src = init_random(load_model_config("tiny-mel"))
+    torch.nn.init.zeros_(src.student.net.proj_out.weight)
+    torch.nn.init.zeros_(src.student.net.proj_out.bias)
+    ds = ClipDataset(dataset)
+    report = sigma_profile(src, ds, n_clips=6, sigmas=(0.1, 1.0, 10.0), seed=3)
+    idx = np.concatenate([ds.indices("valid"), ds.indices("test")])
+    idx = np.sort(np.random.default_rng(3).choice(idx, min(6, len(idx)), replace=False))
+    x0 = normalise(src.codec.encode(torch.from_numpy(ds.wave(idx)))[0], src.latent_mean, src.latent_std)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    sd = src.student.sigma_data
+    assert report["clips"] == len(idx) and [r["sigma"] for r in report["rows"]] == [0.1, 1.0, 10.0]
+    for row in report["rows"]:
+        s = row["sigma"]
+        c_skip = sd**2 / (s**2 + sd**2)
+        expected = float(((c_skip * (x0 + s * eps) - x0) ** 2).mean()) / sd**2
+        assert row["cond"] == pytest.approx(expected, rel=1e-4)
+        assert row["empty"] == pytest.approx(row["cond"], rel=1e-6) and row["gain"] == pytest.approx(1.0, rel=1e-6)
+    assert "| 10 |" in format_profile(report)

@@ -409,6 +409,37 @@ def teacher(
         )
 
 
+@app.command("sigma-profile")
+def sigma_profile_cmd(
+    checkpoint: Path = typer.Argument(..., help="a teacher (or student) model checkpoint"),
+    data: Path = _DATA,
+    clips: int = typer.Option(96, "--clips", help="held-out clips (valid + test) to score"),
+    seed: int = typer.Option(0, "--seed"),
+    json_path: Path = typer.Option(None, "--json", help="also write the report here"),
+    threads: int = _THREADS,
+) -> None:
+    """Where along σ the model uses its caption: denoising error of held-out clips per σ with the true, the
+    empty and a shuffled caption (train/sigma_profile.py says how to read it)."""
+    import torch
+
+    from .checkpoint import load_model_checkpoint
+    from .data import ClipDataset
+    from .sigma_profile import format_profile, sigma_profile
+
+    if threads:
+        torch.set_num_threads(threads)
+    src = load_model_checkpoint(checkpoint)
+    ds = ClipDataset(data)
+    with data_errors():
+        ds.check_matches(src.config.sample_rate, src.config.dit.latent_frames * src.config.latent_hop)
+        report = sigma_profile(src, ds, n_clips=clips, seed=seed)
+    report["checkpoint"] = str(checkpoint)
+    typer.echo(format_profile(report))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 @app.command("prepare-latents")
 def prepare_latents(
     data: Path = _DATA,

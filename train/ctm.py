@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .edm import LOG_SIGMA_MEAN, LOG_SIGMA_STD, append_dims, karras_sigmas
+from .edm import append_dims, karras_sigmas
 from .losses import edm_loss
 from .models.config import EDMConfig
 from .models.denoiser import Conditioning, CTMDenoiser
@@ -66,10 +66,11 @@ def sample_omega(batch: int, omega_min: float, omega_max: float, gen: torch.Gene
 
 
 def sample_dsm_sigma(batch: int, edm: EDMConfig, r_max: float, gen: torch.Generator) -> torch.Tensor:
-    """σ for DSM [B]: the first ⌈B/2⌉ with ln σ ~ N(−1.2, 1.2²), the rest on the Karras curve with
-    r ~ U[0, r_max] (r = 0 is σ_max).  # METHOD §3.8"""
+    """σ for DSM [B]: the first ⌈B/2⌉ with ln σ ~ N(p_mean, p_std²) (the teacher's training distribution,
+    EDM's N(−1.2, 1.2²) by default), the rest on the Karras curve with r ~ U[0, r_max] (r = 0 is σ_max).
+    # METHOD §3.8"""
     n_ln = (batch + 1) // 2
-    ln_sigma = torch.exp(LOG_SIGMA_MEAN + LOG_SIGMA_STD * torch.randn(n_ln, generator=gen))
+    ln_sigma = torch.exp(edm.p_mean + edm.p_std * torch.randn(n_ln, generator=gen))
     r = r_max * torch.rand(batch - n_ln, generator=gen)
     inv_rho = 1.0 / edm.rho
     # METHOD §1 Karras curve, continuous in r: (σ_max^(1/ρ) + r·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ

@@ -118,9 +118,11 @@ def si_sdr(est: torch.Tensor, ref: torch.Tensor, eps: float = 1e-8) -> torch.Ten
     return 10.0 * torch.log10((target.pow(2).sum(-1) + eps) / (noise.pow(2).sum(-1) + eps))
 
 
-def sample_log_normal_sigma(n: int, gen: torch.Generator) -> torch.Tensor:
-    """σ with ln σ ~ N(−1.2, 1.2²) [n]  # METHOD §3.8 (EDM's training distribution)."""
-    return torch.exp(LOG_SIGMA_MEAN + LOG_SIGMA_STD * torch.randn(n, generator=gen))
+def sample_log_normal_sigma(
+    n: int, gen: torch.Generator, p_mean: float = LOG_SIGMA_MEAN, p_std: float = LOG_SIGMA_STD
+) -> torch.Tensor:
+    """σ with ln σ ~ N(p_mean, p_std²) [n]  # METHOD §3.8 (EDM's training distribution: N(−1.2, 1.2²))."""
+    return torch.exp(p_mean + p_std * torch.randn(n, generator=gen))
 
 
 def edm_loss(

@@ -131,7 +131,7 @@ def train_teacher(
         codec, latents, mu, std, provenance = resolve_latent(model_cfg, ds, vae, env)
         init = None
         if init_from is not None:
-            init = _initial_weights(init_from, model_cfg, mu, std)
+            init, mu, std = _initial_weights(init_from, model_cfg, mu, std)
             resolved["init_from"] = str(Path(init_from).resolve())
             provenance = {**provenance, "init_from": resolved["init_from"]}
         rd = RunDir(run, env)
@@ -168,7 +168,7 @@ def train_teacher(
         def step(k: int, idx: np.ndarray) -> dict[str, Any]:
             gen = step_generator(tcfg.seed, k)
             drop = shard(torch.rand(tcfg.batch_size, generator=gen) < tcfg.caption_dropout, env)
-            sigma = shard(sample_log_normal_sigma(tcfg.batch_size, gen), env)
+            sigma = shard(sample_log_normal_sigma(tcfg.batch_size, gen, model_cfg.edm.p_mean, model_cfg.edm.p_std), env)
             eps = shard(torch.randn(tcfg.batch_size, c, T, generator=gen), env)
             x0 = normalise(torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)), mu, std)
             rows = cap_rows[torch.from_numpy(idx)]
@@ -223,9 +223,14 @@ def _save_final(
 
 def _initial_weights(
     path: str | Path, model_cfg: ModelConfig, mu: torch.Tensor, std: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """The CTMDenoiser state of a teacher checkpoint, refused unless it fits this run (architecture, latent
-    code and statistics: another normalisation would make the weights mean something else)."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The CTMDenoiser state of a teacher checkpoint and the latent statistics the run goes on with, refused
+    unless it fits this run (architecture, latent code and statistics: another normalisation would make the
+    weights mean something else).
+
+    The checkpoint's own statistics are kept: a dataset prepared again on another machine (another resampler
+    build, another FFT) gives statistics a few hundredths of a nat away, which must not shift the code under
+    weights trained on the old one. Beyond 0.05 nat (0.4 dB) in a mean or 2 % in a std it is another dataset."""
     from .checkpoint import load_model_checkpoint
 
     src = load_model_checkpoint(path)
@@ -236,9 +241,15 @@ def _initial_weights(
     )
     if not same:
         raise ValueError(f"--init-from {path}: its architecture or latent differs from the config's")
-    if not (torch.allclose(src.latent_mean, mu, atol=1e-4) and torch.allclose(src.latent_std, std, rtol=1e-3)):
-        raise ValueError(f"--init-from {path}: its latent statistics differ from this dataset's")
-    return {k: v.float() for k, v in src.student.state_dict().items()}
+    d_mu = float((src.latent_mean.float() - mu).abs().max())
+    d_std = float(((src.latent_std.float() - std) / std).abs().max())
+    if d_mu > 0.05 or d_std > 0.02:
+        raise ValueError(
+            f"--init-from {path}: its latent statistics differ from this dataset's "
+            f"(max |Δμ| {d_mu:.3g}, max |Δstd|/std {d_std:.3g}): another dataset"
+        )
+    logger.info("--init-from: keeping the checkpoint's statistics (max |Δμ| %.3g, |Δstd|/std %.3g)", d_mu, d_std)
+    return {k: v.float() for k, v in src.student.state_dict().items()}, src.latent_mean.float(), src.latent_std.float()
 
 
 @torch.no_grad()
@@ -252,7 +263,8 @@ def valid_loss(
     seed: int,
     n: int = 128,
 ) -> float:
-    """EDM loss of a denoiser on up to n validation clips, fixed σ and noise (comparable across steps)."""
+    """EDM loss of a denoiser on up to n validation clips, fixed σ and noise from EDM's N(−1.2, 1.2²) whatever the
+    config's p_mean (comparable across steps, runs and configs)."""
     idx = ds.require("valid", "valid_loss")[:n]
     g = torch.Generator().manual_seed(seed)
     x0 = normalise(torch.from_numpy(np.asarray(latents[idx], dtype=np.float32)), mu, std)

@@ -105,6 +105,11 @@ class EDMConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     sigma_data: float = 0.5
+    # Training noise levels, ln σ ~ N(p_mean, p_std²) (EDM's P_mean, P_std; METHOD §3.8 gives EDM's -1.2, 1.2).
+    # A code with many redundant dimensions keeps its coarse structure visible to far higher σ, so its
+    # distribution must move up (EDM2 uses -0.4 on 64x64x4 latents; SD3 shifts by resolution): see cpu.toml.
+    p_mean: float = -1.2
+    p_std: float = 1.2
     omega_min: float = 2.0
     omega_max: float = 5.0
     default_omega: float = 3.5
@@ -114,6 +119,7 @@ class EDMConfig:
 
     def __post_init__(self) -> None:
         _require(0 < self.sigma_min < self.sigma_max, "edm: need 0 < sigma_min < sigma_max")
+        _require(self.p_std > 0, "edm.p_std must be > 0")
         _require(
             self.omega_min <= self.default_omega <= self.omega_max,
             "edm.default_omega outside the omega range",
