@@ -19,6 +19,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..engine import Engine, Timing
+from ..logs import task_bar
 from .machine import fingerprint, matmul_peak_gflops
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def bench_backend(
     warmup: int,
     threads: int | None,
     device: str,
+    bar: Any = None,
 ) -> list[dict[str, Any]]:
     eng = Engine(bundle, backend=backend, device=device, threads=threads, warmup=True)
     flops_step = int(bundle.graph("student_step").attrs.get("flops", 0))
@@ -82,6 +84,8 @@ def bench_backend(
                     timings.append(t)
             rows.append(_summary(backend, steps, path, timings, flops_step))
             log.info("%s %d steps %s: RTF p50 %.4f", backend, steps, path, rows[-1]["rtf_p50"])
+            if bar is not None:
+                bar.update()
     return rows
 
 
@@ -143,7 +147,7 @@ def bench_variations(
 
 
 def bench_torch_eager(
-    bundle: Bundle, steps_list: list[int], runs: int, warmup: int, threads: int | None
+    bundle: Bundle, steps_list: list[int], runs: int, warmup: int, threads: int | None, bar: Any = None
 ) -> tuple[list[dict[str, Any]], str | None]:
     """The same student in torch eager, per step. Returns (rows, reason it was skipped or None)."""
     try:
@@ -196,6 +200,8 @@ def bench_torch_eager(
                     "note": "student steps only (text encoding and decoding are not run in torch)",
                 }
             )
+            if bar is not None:
+                bar.update()
     return rows, None
 
 
@@ -232,11 +238,18 @@ def run_cpu_bench(
             "device": device,
         },
     }
+    cells = len(backends) * sum(1 + (s in bundle.fused_steps) for s in steps_list)
+    bar = task_bar(
+        cells + (len(steps_list) if torch_eager else 0) + (len(backends) if variation_batches else 0),
+        "bench",
+        log,
+        logging.WARNING,  # shown unless -q: a full run takes minutes
+    )
     report["peak_gflops"], report["peak_how"] = matmul_peak_gflops(threads=threads)
     # torch first: onnxruntime's and OpenVINO's thread pools outlive their sessions in this process, and torch's
     # OpenMP threads measured after them on a contended machine were 5x slower than on their own.
     if torch_eager:
-        rows, why = bench_torch_eager(bundle, steps_list, runs, warmup, threads)
+        rows, why = bench_torch_eager(bundle, steps_list, runs, warmup, threads, bar)
         report["torch_eager"] = rows
         if why:
             report["torch_eager_skipped"] = why
@@ -245,16 +258,16 @@ def run_cpu_bench(
         report["torch_eager_skipped"] = "--no-torch"
     results: list[dict[str, Any]] = []
     for backend in backends:
-        results += bench_backend(bundle, backend, steps_list, runs, warmup, threads, device)
+        results += bench_backend(bundle, backend, steps_list, runs, warmup, threads, device, bar)
     report["results"] = results
     if variation_batches:
-        report["variations"] = [
-            row
-            for backend in backends
-            for row in bench_variations(
+        report["variations"] = []
+        for backend in backends:
+            report["variations"] += bench_variations(
                 bundle, backend, variation_batches, variation_takes, variation_rounds, threads, device
             )
-        ]
+            bar.update()
+    bar.close()
     report["warnings"] = machine_warnings(report["machine"], threads)
     report["ratios"] = ratios(report)
     return report

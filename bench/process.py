@@ -54,3 +54,28 @@ def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float) -> str
         if text in line:
             return line
     raise TimeoutError(f"no {text!r} from {proc.args!r} within {timeout} s; got: {''.join(seen)[-2000:]}")
+
+
+def wait_for_lines(proc: subprocess.Popen[str], texts: tuple[str, ...], timeout: float) -> dict[str, str]:
+    """Read the process's stdout until each of `texts` has appeared in some line, in any order (replies to
+    requests that run concurrently may cross); returns the first line holding each. Raises TimeoutError."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    found: dict[str, str] = {}
+    seen = []
+    while len(found) < len(texts) and time.monotonic() < deadline:
+        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        for text in texts:
+            if text in line and text not in found:
+                found[text] = line
+    missing = [t for t in texts if t not in found]
+    if missing:
+        raise TimeoutError(f"no {missing!r} from {proc.args!r} within {timeout} s; got: {''.join(seen)[-2000:]}")
+    return found

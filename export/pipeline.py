@@ -24,6 +24,7 @@ import torch
 
 from ..backends import BackendOptions, open_file_session
 from ..bundle import write_manifest
+from ..logs import task_bar
 from ..manifest import AudioSpec, EdmSpec, GraphSpec, GuidanceSpec, LatentSpec, LicenseSpec, TextSpec
 from ..train.checkpoint import ModelSource
 from ..train.edm import karras_sigmas
@@ -291,6 +292,7 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
     ir_w = SharedIRWeights(out / "openvino" / "weights.bin") if opts.openvino and opts.openvino_format == "ir" else None
     manifest_graphs: dict[str, Any] = {}
     parity: dict[str, Any] = {}
+    bar = task_bar(len(graphs), "export", log, logging.WARNING)  # shown unless -q: an export takes minutes
     try:
         for gr in graphs:
             t0 = time.perf_counter()
@@ -332,7 +334,9 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
                 parity[gr.name][backend] = compare(gr.name, backend, ref, got, gr.outputs, opts.min_snr_db)
                 del sess
             log.info("exported %s in %.1f s: %s", gr.name, time.perf_counter() - t0, parity[gr.name])
+            bar.update()
     finally:
+        bar.close()
         onnx_w.close()
         if ir_w is not None:
             ir_w.close()

@@ -438,31 +438,18 @@ class Engine:
         return audio, timing
 
     def _generate_fused(self, prompt: str, p: dict[str, Any], timing: Timing) -> np.ndarray:
-        name = f"fused_{p['steps']}"
-        spec = self.bundle.graph(name)
         t0 = time.perf_counter()
         cond = self.encode_prompt(prompt)
         timing.text_ms = 1e3 * (time.perf_counter() - t0)
         eps_T, noises = draw_noise(p["seed"], self.latent_shape, p["steps"])
-        feeds = {
-            "eps_T": eps_T,
-            "tokens": cond.tokens,
-            "token_mask": cond.token_mask,
-            "pooled": cond.pooled,
-            "omega": np.array([p["omega"]], np.float32),
-            "gamma": np.array([p["gamma"]], np.float32),
-        }
-        if p["steps"] > 1:
-            feeds["noise"] = np.stack(noises)[:, :, :, :]
         t1 = time.perf_counter()
-        outs = self.session(name).run(feeds)
+        latent, audio = self._fused_batch(cond, eps_T, noises, p)
         timing.path = "fused"
-        if spec.attrs.get("decode", False):
-            timing.sample_ms = 1e3 * (time.perf_counter() - t1)  # sampling and decode in one call
-            return outs[1][0]
-        timing.sample_ms = 1e3 * (time.perf_counter() - t1)
+        timing.sample_ms = 1e3 * (time.perf_counter() - t1)  # with the decode when the graph fuses it
+        if audio is not None:
+            return audio[0]
         t2 = time.perf_counter()
-        audio = self.decode(outs[0])
+        audio = self.decode(latent)
         timing.decode_ms = 1e3 * (time.perf_counter() - t2)
         return audio
 
@@ -555,7 +542,8 @@ class Engine:
     def _fused_batch(
         self, cond: Conditioning, eps_T: np.ndarray, noises: list[np.ndarray], p: dict[str, Any]
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """One call of `fused_<steps>` on n takes: (latents [n, C, T], audio [n, N] when decode is fused, or None)."""
+        """One call of `fused_<steps>` on n takes: (latents [n, C, T], audio [n, N] when decode is fused, or None).
+        n = 1 runs the graph's single-take session, so `generate` and `generate_variations` share it."""
         n = eps_T.shape[0]
         name = f"fused_{p['steps']}"
         c = cond.repeat(n)

@@ -231,3 +231,37 @@ def test_one_logging_policy(tiny_bundle):
         if re.search(r"logging\.basicConfig\(", p.read_text())
     ]
     assert callers == [], callers
+
+
+def test_task_bar_follows_the_logging_policy(monkeypatch, caplog):
+    """Export and bench show a bar unless -q; without tqdm (a runtime-only install) a line per tenth."""
+    import builtins
+    import logging
+
+    from soundctm_rt.logs import task_bar
+
+    log = logging.getLogger("soundctm_rt.test_bar")
+    log.setLevel(logging.WARNING)
+    bar = task_bar(20, "bench", log, logging.WARNING)
+    assert type(bar).__name__ == "tqdm"
+    bar.close()
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):
+        if name == "tqdm":
+            raise ImportError("no tqdm")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    with (
+        caplog.at_level(logging.WARNING, logger="soundctm_rt.test_bar"),
+        task_bar(20, "bench", log, logging.WARNING) as b,
+    ):
+        for _ in range(20):
+            b.update()
+    assert [r.getMessage() for r in caplog.records].count("bench: 20/20") == 1 and len(caplog.records) == 10
+    caplog.clear()
+    log.setLevel(logging.ERROR)  # -q
+    with task_bar(20, "bench", log, logging.WARNING) as b:
+        b.update(20)
+    assert caplog.records == []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from soundctm_rt.bench.process import serve_process, stop_process, wait_for_line
+from soundctm_rt.bench.process import serve_process, stop_process, wait_for_line, wait_for_lines
 from soundctm_rt.daemon.client import OscClient
 
 pytestmark = pytest.mark.realtime
@@ -70,9 +70,10 @@ def test_oscsend_and_oscdump(live) -> None:
         subprocess.run(["oscsend", "127.0.0.1", str(port), "/soundctm/generate", "sf", "x", "nan"], check=True)
         wait_for_line(dump, "/soundctm/pong", 10)
         wait_for_line(dump, "/soundctm/ack", 10)
-        fail = wait_for_line(dump, "/soundctm/fail", 30)
+        # the valid request runs while the invalid one is parsed: its /done may come before or after the /fail
+        got = wait_for_lines(dump, ("/soundctm/fail", "/soundctm/done"), 30)
+        fail, done = got["/soundctm/fail"], got["/soundctm/done"]
         assert "finite" in fail
-        done = wait_for_line(dump, "/soundctm/done", 30)
         parts = done.split()
         assert parts[parts.index("/soundctm/done") + 1] == "iffff", done
     finally:
@@ -110,11 +111,11 @@ def test_pure_data_patch(live) -> None:
         text=True,
     )
     try:
-        wait_for_line(pd, "soundctm-reply: soundctm pong", 20)
-        fail = wait_for_line(pd, "soundctm-reply: soundctm fail", 20)
+        # the patch sends everything at once: the replies of the valid generation may cross the others
+        replies = ("pong", "ack", "fail", "done")
+        got = wait_for_lines(pd, tuple(f"soundctm-reply: soundctm {r}" for r in replies), 30)
+        fail, done = got["soundctm-reply: soundctm fail"], got["soundctm-reply: soundctm done"]
         assert "generate" in fail and "range" in fail
-        wait_for_line(pd, "soundctm-reply: soundctm ack", 20)  # set latency 50
-        done = wait_for_line(pd, "soundctm-reply: soundctm done", 30)
         assert float(done.split()[4]) > 0  # latency_ms
     finally:
         stop_process(pd)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..logs import task_bar
 from ..sampling import draw_noise
 from .birdnet import Embedding
 from .checkpoint import ModelSource
@@ -53,7 +54,6 @@ from .data import ClipDataset
 from .edm import sampling_sigmas
 from .eval import RidgeProbe, clip_labels, spread
 from .figures import class_examples
-from .loop import task_bar
 from .sampling import sample_gamma
 
 logger = logging.getLogger(__name__)

@@ -44,13 +44,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..logs import task_bar
 from .birdnet import Embedding
 from .checkpoint import ModelSource, load_model_checkpoint
 from .conditioning import encode_prompts
 from .ctm import cfg_teacher_denoiser, student_denoiser
 from .data import ClipDataset
 from .edm import karras_sigmas, sampling_sigmas
-from .loop import task_bar
 from .losses import mel_l1
 from .models.denoiser import Conditioning
 from .sampling import guided_jump, sample_gamma, sample_heun

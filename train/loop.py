@@ -337,20 +337,6 @@ def progress_bar(total: int, initial: int, env: DistEnv, desc: str):
     )
 
 
-def task_bar(total: int, desc: str, log: logging.Logger):
-    """tqdm over a command's work items, shown while `log` logs progress (INFO: not under `soundctm-rt -q`);
-    sparse updates when stderr is not a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=desc,
-        disable=not log.isEnabledFor(logging.INFO),
-        mininterval=0.5 if sys.stderr.isatty() else 60.0,
-        dynamic_ncols=True,
-    )
-
-
 def configure_logging(env: DistEnv) -> None:
     """The command line's log lines (soundctm_rt.logs, set up by its root callback) tagged with the rank; ranks
     other than 0 log warnings only."""
