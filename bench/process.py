@@ -56,6 +56,21 @@ def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float) -> str
     raise TimeoutError(f"no {text!r} from {proc.args!r} within {timeout} s; got: {''.join(seen)[-2000:]}")
 
 
+def pending_output(proc: subprocess.Popen[str], limit: int = 4000) -> str:
+    """What the process has written to its stdout pipe so far and nobody has read (no waiting): the tail of a
+    daemon's log for a failure message."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    lines = []
+    while sel.select(timeout=0.05):
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+    return "".join(lines)[-limit:]
+
+
 def wait_for_lines(proc: subprocess.Popen[str], texts: tuple[str, ...], timeout: float) -> dict[str, str]:
     """Read the process's stdout until each of `texts` has appeared in some line, in any order (replies to
     requests that run concurrently may cross); returns the first line holding each. Raises TimeoutError."""

@@ -17,6 +17,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SOUNDCTM_RT_CACHE", tempfile.mkdtemp(prefix="soundctm-rt-test-cache-"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow", action="store_true", help="also run the tests marked slow (the README's test command and CI do)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked slow are skipped unless --slow, or unless a -m expression chooses by marks itself: a local
+    `python -m pytest` stays quick, and the README's command (`python -m pytest --slow`, CI's) runs everything."""
+    if config.getoption("--slow") or config.getoption("-m"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow (CI and the README's test command do)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_source():
     """The tiny architecture, randomly initialised (seed 0), as a ModelSource (torch)."""

@@ -143,6 +143,7 @@ def test_export_argument_errors(tmp_path):
     assert r.returncode == 1 and "does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_export_from_checkpoint_matches_random_init(tiny_source, tmp_path):
     """A saved checkpoint exports through the same path; fp16 weights stay within the parity gate."""
     from soundctm_rt.train.checkpoint import save_model_checkpoint

@@ -107,6 +107,7 @@ def test_int8_gather_refuses_a_table_off_its_grid(tmp_path, tiny_source):
     assert int8_word_embedding_gather(path, word_embedding(text).weight.detach().numpy(), scale)
 
 
+@pytest.mark.slow
 def test_text_quality_gate_refuses(tiny_source, tmp_path, monkeypatch):
     from soundctm_rt.export import pipeline
     from soundctm_rt.export.parity import ParityError

@@ -1,4 +1,4 @@
-"""Defects found by trying the daemon as a user would (issue 16), each against a live daemon in this process:
+"""Defects found by trying the daemon as a user would, each against a live daemon in this process:
 a multi-step job stopped mid-sampling, a render folder swapped for a link while the job waits, render names
 that must be refused before any work, and first-sample times that the clock mapping cannot support."""
 

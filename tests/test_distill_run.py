@@ -118,6 +118,7 @@ def test_tiny_distillation_run(student_run: Path, teacher_run: Path) -> None:
     assert len(list((student_run / "samples").rglob("*.wav"))) == len(dcfg.sample_steps)
 
 
+@pytest.mark.slow
 def test_export_checkpoint_is_exportable(student_run: Path, tmp_path: Path) -> None:
     from soundctm_rt.export.pipeline import ExportOptions, export_bundle
     from soundctm_rt.train.checkpoint import load_model_checkpoint
@@ -167,6 +168,7 @@ def test_cli_dry_run_and_switches(distill_dataset: Path, teacher_run: Path, tmp_
     assert bad.exit_code != 0
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp(distill_dataset: Path, teacher_run: Path, tmp_path: Path) -> None:
     """torchrun with 2 CPU processes draws what 1 process draws: step 1 (same weights) has the same CTM and DSM
     losses. Later steps differ slightly by design: λ_adapt is computed per rank on its half of the batch."""

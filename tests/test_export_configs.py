@@ -52,7 +52,11 @@ def test_full_size_config_exports(name, tmp_path):
         assert m["graphs"][graph]["attrs"]["cpu_fusion"] == {"gelu": depth, "attention": 2 * depth}
 
 
-@pytest.mark.parametrize("name", available_configs())
+@pytest.mark.parametrize(
+    "name",
+    # the full-size architectures take 20-30 s each: slow (CI runs them); the tiny ones stay in the quick loop
+    [pytest.param(n, marks=pytest.mark.slow) if n in ("cpu", "gpu") else n for n in available_configs()],
+)
 def test_cpu_fusion_covers_every_architecture(name, tmp_path):
     """Every GELU and attention of each config's student step matches export/cpu_fusion.py's patterns (a
     config whose graph the exporter writes differently would silently lose the fused operators)."""

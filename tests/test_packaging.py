@@ -107,3 +107,13 @@ def test_wheel_holds_only_the_namespaced_packages(tmp_path):
         cwd=tmp_path,
     )
     assert r.returncode == 0 and r.stdout.strip() == "tiny", r.stderr[-2000:]
+
+
+def test_ci_runs_the_readme_test_command():
+    """The README's second command ends in the test command, and .ci/run calls exactly that command."""
+    repo = Path(__file__).resolve().parent.parent
+    blocks = re.findall(r"```bash\n(.*?)\n```", (repo / "README.md").read_text(), re.S)
+    readme_cmd = blocks[1].strip().split("&&")[-1].strip()
+    assert readme_cmd.startswith("python -m pytest"), readme_cmd
+    ci = (repo / ".ci" / "run").read_text()
+    assert re.search(rf"^{re.escape(readme_cmd)} \|\| rc=\$\?$", ci, re.M), (readme_cmd, "not in .ci/run")

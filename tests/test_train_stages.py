@@ -211,6 +211,7 @@ def test_dry_run_prints_config_and_writes_nothing(dataset: Path, tmp_path: Path)
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(dataset: Path, vae_run: Path, tmp_path: Path) -> None:
     """torchrun with 2 CPU processes: the same global batches and noise as 1 process, so the same losses."""
     from soundctm_rt.train.teacher_train import train_teacher
@@ -249,6 +250,7 @@ def test_two_process_gloo_ddp_matches_one_process(dataset: Path, vae_run: Path, 
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=5e-5 * 3)  # Adam: ≤ lr-sized steps apart
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(dataset: Path, vae_run: Path, tmp_path: Path) -> None:
     """SIGKILL a teacher run after a checkpoint, resume it: same weights, optimiser state and losses."""
     import signal

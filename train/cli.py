@@ -46,6 +46,22 @@ def data_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def evaluation_dataset(data: Path, threads: int | None, command: str, test_use: str, without_valid: str) -> ClipDataset:
+    """An evaluation command's start: torch's threads, then the dataset, refused (exit 1, one line) without the
+    test split it draws prompts from; `without_valid` says what is lost when the valid split is empty."""
+    import torch
+
+    from .data import ClipDataset, check_splits
+
+    if threads:
+        torch.set_num_threads(threads)
+    ds = ClipDataset(data)
+    with data_errors():
+        ds.require("test", f"`soundctm-rt {command}` ({test_use})")
+        check_splits(ds, command, {"valid": without_valid})
+    return ds
+
+
 def _read_names(path: Path | None, option: str) -> tuple[str, ...]:
     """The file names of a list file: one per line; blank lines and lines starting with # are skipped."""
     if path is None:

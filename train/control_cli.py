@@ -310,20 +310,14 @@ def eval_control_command(
     if dry_run:
         typer.echo(json.dumps(dataclasses.asdict(cfg), indent=2))
         return
-    import torch
-
     from .birdnet import make_embedding
     from .checkpoint import load_model_checkpoint
-    from .cli import data_errors
+    from .cli import evaluation_dataset
     from .control_eval import evaluate_control, markdown
-    from .data import ClipDataset, check_splits
 
-    if threads:
-        torch.set_num_threads(threads)
-    ds = ClipDataset(data)
-    with data_errors():
-        ds.require("test", "`soundctm-rt eval-control` (its prompts)")
-        check_splits(ds, "eval-control", {"valid": "the probe's ridge is not chosen on validation clips"})
+    ds = evaluation_dataset(
+        data, threads, "eval-control", "its prompts", "the probe's ridge is not chosen on validation clips"
+    )
     try:
         src = load_model_checkpoint(checkpoint)
     except (OSError, ValueError) as exc:

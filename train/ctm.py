@@ -24,7 +24,7 @@ from .edm import append_dims, karras_sigmas
 from .losses import edm_loss
 from .models.config import EDMConfig
 from .models.denoiser import Conditioning, CTMDenoiser
-from .sampling import Denoise, heun_step
+from .sampling import Denoise, heun_step, nu_guided
 
 DISTANCES = ("teacher_features", "l2")
 FEATURE_EPS = 1e-10  # METHOD §3.7: n(f) = f / (‖f‖₂ + 1e-10)
@@ -261,20 +261,10 @@ def student_denoiser(
     ν-guidance as the jumps: g_ν = g("") + ν·(g(c) − g("")); ν = 1 skips the unconditional pass.
     cond, uncond: batch-1 conditionings."""
 
+    g_nu = nu_guided(student.g, cond, uncond, omega, nu)
+
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        w = torch.full((b,), float(omega), dtype=x.dtype, device=x.device)
-        if nu == 1.0:
-            return student.g(x, t, t, cond.expand(b), w)
-        both = student.g(
-            torch.cat([x, x]),
-            torch.cat([t, t]),
-            torch.cat([t, t]),
-            uncond.expand(b).cat(cond.expand(b)),
-            torch.cat([w, w]),
-        )
-        g_u, g_c = both.chunk(2)
-        return g_u + nu * (g_c - g_u)
+        return g_nu(x, t, t)
 
     return denoise
 

@@ -59,20 +59,18 @@ def eval_command(
     if dry_run:
         typer.echo(json.dumps(dataclasses.asdict(cfg), indent=2))
         return
-    import torch
-
     from .birdnet import make_embedding
     from .checkpoint import STUDENT_CHECKPOINT, TEACHER_CHECKPOINT
-    from .cli import data_errors
-    from .data import ClipDataset, check_splits
+    from .cli import evaluation_dataset
     from .eval import evaluate, load_checkpoint_of, markdown, write_result
 
-    if threads:
-        torch.set_num_threads(threads)
-    ds = ClipDataset(data)
-    with data_errors():
-        ds.require("test", "`soundctm-rt eval` (its prompts and reference clips)")
-        check_splits(ds, "eval", {"valid": "no valid-vs-test floor, and the probe's ridge is not chosen on it"})
+    ds = evaluation_dataset(
+        data,
+        threads,
+        "eval",
+        "its prompts and reference clips",
+        "no valid-vs-test floor, and the probe's ridge is not chosen on it",
+    )
     embed = make_embedding(cfg.embedding, threads=threads or 1)
     result = evaluate(
         load_checkpoint_of(student, STUDENT_CHECKPOINT) if student else None,

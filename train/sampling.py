@@ -16,25 +16,33 @@ Jump = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x,
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t [B]) -> x̂_0
 
 
-def guided_jump(model: CTMDenoiser, cond: Conditioning, uncond: Conditioning, omega: float, nu: float) -> Jump:
-    """G_ν = G(x,t,s;"",ω) + ν·(G(x,t,s;c,ω) - G(x,t,s;"",ω)); ν = 1 skips the unconditional pass. # METHOD §4"""
+def nu_guided(
+    fn: Callable[..., torch.Tensor], cond: Conditioning, uncond: Conditioning, omega: float, nu: float
+) -> Jump:
+    """f_ν(x,t,s) = f(x,t,s;"",ω) + ν·(f(x,t,s;c,ω) − f(x,t,s;"",ω)) for f = G (a jump) or g (a denoiser);
+    ν = 1 skips the unconditional pass. cond, uncond: batch-1 conditionings.  # METHOD §4"""
 
-    def jump(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def guided(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        w = torch.full((b,), float(omega))
+        w = torch.full((b,), float(omega), dtype=x.dtype, device=x.device)
         if nu == 1.0:
-            return model.G(x, t, s, cond.expand(b), w)
-        both = model.G(
+            return fn(x, t, s, cond.expand(b), w)
+        both = fn(
             torch.cat([x, x]),
             torch.cat([t, t]),
             torch.cat([s, s]),
             uncond.expand(b).cat(cond.expand(b)),
             torch.cat([w, w]),
         )
-        x_u, x_c = both.chunk(2)
-        return x_u + nu * (x_c - x_u)
+        f_u, f_c = both.chunk(2)
+        return f_u + nu * (f_c - f_u)
 
-    return jump
+    return guided
+
+
+def guided_jump(model: CTMDenoiser, cond: Conditioning, uncond: Conditioning, omega: float, nu: float) -> Jump:
+    """G_ν = G(x,t,s;"",ω) + ν·(G(x,t,s;c,ω) - G(x,t,s;"",ω)); ν = 1 skips the unconditional pass. # METHOD §4"""
+    return nu_guided(model.G, cond, uncond, omega, nu)
 
 
 def sample_gamma(
