@@ -39,21 +39,7 @@ def stop_process(p: subprocess.Popen[str], timeout: float = 5.0) -> None:
 
 def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float) -> str:
     """Read the process's stdout until a line containing `text`; returns that line. Raises TimeoutError."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if text in line:
-            return line
-    raise TimeoutError(f"no {text!r} from {proc.args!r} within {timeout} s; got: {''.join(seen)[-2000:]}")
+    return wait_for_lines(proc, (text,), timeout)[text]
 
 
 def pending_output(proc: subprocess.Popen[str], limit: int = 4000) -> str:
@@ -92,5 +78,6 @@ def wait_for_lines(proc: subprocess.Popen[str], texts: tuple[str, ...], timeout:
                 found[text] = line
     missing = [t for t in texts if t not in found]
     if missing:
-        raise TimeoutError(f"no {missing!r} from {proc.args!r} within {timeout} s; got: {''.join(seen)[-2000:]}")
+        what = repr(missing[0]) if len(missing) == 1 else repr(missing)
+        raise TimeoutError(f"no {what} from {proc.args!r} within {timeout} s; got: {''.join(seen)[-2000:]}")
     return found
