@@ -8,7 +8,7 @@ import time
 import pytest
 
 from soundctm_rt.bench.jack import JackDummy, jack_available
-from soundctm_rt.bench.process import serve_process
+from soundctm_rt.bench.process import read_rest, serve_process
 from soundctm_rt.daemon.client import OscClient
 
 pytestmark = pytest.mark.realtime
@@ -87,5 +87,5 @@ def test_audio_server_death_fails_jobs_and_signals_still_stop(tiny_bundle, tmp_p
         assert s["mode"] == "device-lost" and s["device_error"], s
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)  # exits by itself (a stream that cannot close is abandoned), never killed
-        out = proc.stdout.read() if proc.stdout else ""
+        out = read_rest(proc)
         assert proc.returncode == 1 and "audio device lost" in out and "Traceback" not in out, out

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from soundctm_rt.bench.process import wait_for_line
+from soundctm_rt.bench.process import read_rest, wait_for_line
 from soundctm_rt.daemon.client import OscClient
 
 
@@ -37,7 +37,7 @@ def test_signal_stops_cleanly(tiny_bundle, tmp_path, sig) -> None:
             c.expect("/soundctm/ack")
         p.send_signal(sig)
         p.wait(timeout=30)  # a guard against a hang, not a speed check: it exits by itself, never killed
-        assert p.returncode == 0, p.stdout.read()
+        assert p.returncode == 0, read_rest(p)
         assert sf.info(str(tmp_path / "out.wav")).frames > 0  # the sink was closed: the header was written
     finally:
         if p.poll() is None:

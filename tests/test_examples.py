@@ -115,7 +115,7 @@ def test_pure_data_patch(live) -> None:
         replies = ("pong", "ack", "fail", "done")
         try:
             got = wait_for_lines(pd, tuple(f"soundctm-reply: soundctm {r}" for r in replies), 30)
-        except TimeoutError as e:  # say what the daemon saw (seen once in a full run under load, not since)
+        except TimeoutError as e:  # say what the daemon saw
             raise TimeoutError(f"{e}\n--- the daemon's log:\n{pending_output(daemon)}") from None
         fail, done = got["soundctm-reply: soundctm fail"], got["soundctm-reply: soundctm done"]
         assert "generate" in fail and "range" in fail
