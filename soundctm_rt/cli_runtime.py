@@ -63,8 +63,14 @@ def generate(
     peak_db: float | None = typer.Option(
         None,
         "--peak-db",
-        help="Scale each take so that its peak sits at this level in dBFS (e.g. -1). The model's output level "
-        "is not normalised: quiet sounds such as closed hi-hats can peak far below full scale.",
+        help="Scale each take so that its decoded peak sits exactly at this level in dBFS (e.g. -1). Without it a "
+        "mel model's take is set from its code before decoding to a predicted -1 dBFS peak (about ±3 dB), and "
+        "a soft limiter keeps it within full scale.",
+    ),
+    raw_level: bool = typer.Option(
+        False,
+        "--raw-level",
+        help="Keep the level the model made (no level setting from the code; the soft limiter still applies).",
     ),
 ) -> None:
     """Generate sound from a text prompt and write WAV files."""
@@ -90,7 +96,15 @@ def generate(
             raise fail(why)
     t0 = time.perf_counter()
     try:
-        eng = Engine(resolve_bundle(bundle), backend=backend, device=device, threads=threads, warmup=False, int8=int8)
+        eng = Engine(
+            resolve_bundle(bundle),
+            backend=backend,
+            device=device,
+            threads=threads,
+            warmup=False,
+            int8=int8,
+            normalise_level=not raw_level,
+        )
     except (BundleError, OSError, ValueError) as e:
         raise fail(str(e)) from None
     try:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .backends import BackendOptions, Session, open_session
 from .bundle import Bundle, BundleError, bundle_id, cache_root, resolve_bundle
-from .level import soft_limit
+from .level import normalise_level, soft_limit
 from .limits import MIN_DURATION, clean_prompt
 from .melcode import MelCodeConfig, MelDecoder, denormalise
 from .sampling import Stopped, draw_noise, karras_sigmas, nu_guided, sample_gamma
@@ -95,6 +95,9 @@ class Engine:
         prompt_cache: how many prompt embeddings to keep (LRU).
         warmup: run every default-path graph once at load, so the first real call is not slow.
         int8: use the bundle's INT8 variants of the graphs that have one for this backend (never the default).
+        normalise_level: set each take's level from its mel code before decoding (level.py: its predicted peak
+            at −1 dBFS, the level of every training clip); False keeps the level the model made (the soft
+            limiter still keeps it within full scale). A VAE bundle's takes are never normalised.
     """
 
     def __init__(
@@ -108,7 +111,9 @@ class Engine:
         warmup: bool = True,
         verify: bool = True,
         int8: bool = False,
+        normalise_level: bool = True,
     ) -> None:
+        self.normalise_level = normalise_level
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(resolve_bundle(bundle), verify=verify)
         self.opts = BackendOptions(
             backend=backend,
@@ -367,16 +372,23 @@ class Engine:
         timing.sample_ms = 1e3 * (time.perf_counter() - t1)
         return x
 
+    def _mel_code(self, latent: np.ndarray) -> np.ndarray:
+        """Normalised latent [1, C, T] -> the decoder's log-mel [1, C, T], at the target level unless that is off
+        (one place for the whole-take and the streamed decode, so both get the same gain)."""
+        assert self.mel_decoder is not None
+        code = denormalise(latent[0], self._mean, self._std)[None]
+        return normalise_level(self.mel_decoder, code) if self.normalise_level else code
+
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """Normalised latent [1, C, T] -> waveform [N] float32."""
         if self.mel_decoder is not None:
-            return self.mel_decoder.decode(denormalise(latent[0], self._mean, self._std)[None])[0]
+            return self.mel_decoder.decode(self._mel_code(latent))[0]
         return self.session("vae_decoder").run({"latent": latent.astype(np.float32)})[0][0]
 
     def _decode_chunks(self, x: np.ndarray) -> Iterator[np.ndarray]:
         """Normalised latent [1, C, T] -> its waveform in chunks [n] (they concatenate to `decode(x)`)."""
         if self.mel_decoder is not None:
-            for piece in self.mel_decoder.stream(denormalise(x[0], self._mean, self._std)[None]):
+            for piece in self.mel_decoder.stream(self._mel_code(x)):
                 yield piece[0]
             return
         sess = self.session("vae_decoder_stream")

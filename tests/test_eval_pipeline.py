@@ -291,3 +291,32 @@ def test_baseline_sweep_cli_orders_the_pca_codes_by_rate(distill_dataset: Path, 
     assert len({rep[n]["fd"] for n in names}) == 3
     bad = CliRunner().invoke(app, [*args, "--components", "0,x"])
     assert bad.exit_code == 2 and "--components" in bad.output and not (tmp_path / "x.json").exists()
+
+
+def test_eval_decodes_a_mel_model_at_the_runtime_level():
+    """eval's level figures are those of the runtime's takes: each code set to a predicted -1 dBFS peak."""
+    import torch
+
+    from soundctm_rt.level import TARGET_PEAK_DBFS, predicted_peak_dbfs
+    from soundctm_rt.train.checkpoint import init_random
+    from soundctm_rt.train.eval import EvalConfig, generate
+    from soundctm_rt.train.models.config import load_model_config
+
+    src = init_random(load_model_config("tiny-mel"), seed=0)
+    C, T = src.config.latent_channels, src.config.dit.latent_frames
+    eps = torch.randn(2, C, T, generator=torch.Generator().manual_seed(0))
+
+    def sampler(x, cond, uncond, _, noises):
+        return 0.3 * x - 1.5  # a quiet code: the raw take sits far below -1 dBFS
+
+    raw, _ = generate(src, sampler, ["a", "b"], eps, [], batch=2, level="raw")
+    run, _ = generate(src, sampler, ["a", "b"], eps, [], batch=2, level="runtime")
+    code = src.denormalise(sampler(eps, None, None, None, [])).numpy()
+    dec = src.codec.decoder
+    gain_db = TARGET_PEAK_DBFS - predicted_peak_dbfs(dec, code)
+    assert (gain_db > 1.0).all()
+    for i in range(2):
+        g = float(np.dot(raw[i], run[i]) / np.dot(raw[i], raw[i]))
+        assert 20 * np.log10(g) == pytest.approx(min(gain_db[i], 30.0), abs=0.1)
+    with pytest.raises(ValueError, match="level"):
+        EvalConfig(level="loud")

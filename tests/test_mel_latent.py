@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -201,3 +202,44 @@ def test_soft_limit_never_reaches_full_scale_and_keeps_quiet_samples():
     quiet = np.abs(x) <= 0.9
     np.testing.assert_array_equal(y[quiet], x[quiet])
     assert (np.diff(y) >= 0).all()  # monotonic: no fold-over distortion
+
+
+def test_level_normalisation_sets_the_predicted_peak_from_the_code():
+    """A gain on the audio is a constant on the code: the prediction follows it exactly, so any input level
+    comes out at the same decoded peak; a decoded peak lands near the target; silence is not raised 70 dB."""
+    from soundctm_rt.level import MAX_BOOST_DB, TARGET_PEAK_DBFS, level_shift, normalise_level, predicted_peak_dbfs
+
+    cfg = MelCodeConfig()
+    dec = MelDecoder(cfg)
+    w = _signals(64 * cfg.hop)[:2]  # the tone and the noise burst
+    z = log_mel(w, cfg)
+    p0 = predicted_peak_dbfs(dec, z)
+    p1 = predicted_peak_dbfs(dec, z + np.float32(math.log(10)))  # x10 in magnitude: +20 dB
+    np.testing.assert_allclose(p1 - p0, 20.0, atol=1e-3)
+    outs = []
+    for g in (0.1, 1.0, 8.0):  # -20 dB to +18 dB: the teacher's loudest takes were +31 dBFS
+        zn = normalise_level(dec, log_mel(g * w, cfg))
+        np.testing.assert_allclose(predicted_peak_dbfs(dec, zn), TARGET_PEAK_DBFS, atol=0.05)
+        outs.append(dec.decode(zn))
+    peaks = 20 * np.log10(np.abs(np.stack(outs)).max(-1))
+    assert np.ptp(peaks, axis=0).max() < 0.5, peaks  # the same take whatever the level the model made
+    assert (np.abs(peaks - TARGET_PEAK_DBFS) < 6.0).all(), peaks  # the predictor's error: ~3 dB per sd
+    silence = np.full((1, cfg.n_mels, 64), math.log(cfg.log_floor), np.float32)
+    np.testing.assert_allclose(level_shift(dec, silence), MAX_BOOST_DB * math.log(10) / 20, rtol=1e-6)
+
+
+def test_engine_level_setting_is_one_gain_for_every_path(tiny_mel_bundle):
+    """normalise_level scales a take's decode by one gain, and the streamed and generated takes get the same."""
+    from soundctm_rt.engine import Engine
+    from soundctm_rt.level import soft_limit
+
+    raw = Engine(tiny_mel_bundle, normalise_level=False)
+    eng = Engine(tiny_mel_bundle)
+    x = eng.sample_latent("a dog barking", seed=5, steps=1)
+    a, b = raw.decode(x), eng.decode(x)  # before the limiter
+    g = float(np.dot(a, b) / np.dot(a, a))
+    assert abs(20 * math.log10(g)) > 0.1  # a random model's take is not at -1 dBFS already
+    np.testing.assert_allclose(b, g * a, atol=1e-3 * np.abs(b).max())  # one gain over the whole take
+    take, _ = eng.generate("a dog barking", seed=5, steps=1, fused=False)
+    np.testing.assert_array_equal(take, soft_limit(b.copy()))
+    np.testing.assert_array_equal(np.concatenate(list(eng.stream("a dog barking", seed=5, steps=1))), take)

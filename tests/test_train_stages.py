@@ -374,3 +374,28 @@ def test_sigma_profile_scores_what_the_denoiser_does(dataset: Path) -> None:
         assert row["cond"] == pytest.approx(expected, rel=1e-4)
         assert row["empty"] == pytest.approx(row["cond"], rel=1e-6) and row["gain"] == pytest.approx(1.0, rel=1e-6)
     assert "| 10 |" in format_profile(report)
+
+
+def test_level_calibration_checks_the_runtime_level_constant(dataset: Path) -> None:
+    """The offset the runtime's level setting ships with (level.PEAK_OFFSET_DB, measured on 229 training clips
+    of the full corpora) holds on the fixture corpus within the predictor's spread, and the report's figures
+    are the decoded peaks themselves."""
+    from soundctm_rt.level import PEAK_OFFSET_DB, predicted_peak_dbfs
+    from soundctm_rt.melcode import MelCodeConfig, MelDecoder, log_mel
+    from soundctm_rt.train.data import ClipDataset
+    from soundctm_rt.train.level_calibration import format_calibration, level_calibration
+
+    ds, cfg = ClipDataset(dataset), MelCodeConfig()
+    r = level_calibration(ds, cfg, n_clips=24)
+    assert r["clips"] == min(24, len(ds.indices("train")))
+    assert r["source_peak_dbfs"]["median"] == pytest.approx(-1.0, abs=0.05)  # prepare's peak normalisation
+    # 11 crops of 0.37 s here read 14.7 (the 229 full clips 18.15): within the error's spread, not its 20 dB scale
+    assert abs(r["offset_db"] - PEAK_OFFSET_DB) < 5.0, r
+    assert r["error_db"]["std"] < 6.0, r
+    w = ds.wave(ds.indices("train")[:1])
+    z = log_mel(w, cfg)
+    dec = MelDecoder(cfg)
+    one = level_calibration(ds, cfg, n_clips=1)  # the first clip
+    err = 20 * np.log10(np.abs(dec.decode(z)).max()) - predicted_peak_dbfs(dec, z)[0]
+    assert one["error_db"]["mean"] == pytest.approx(err, abs=0.01)
+    assert "PEAK_OFFSET_DB" in format_calibration(r)

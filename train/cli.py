@@ -456,6 +456,32 @@ def sigma_profile_cmd(
         json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
+@app.command("level-calibration")
+def level_calibration_cmd(
+    data: Path = _DATA,
+    config: str = typer.Option("cpu", "--config", "-c", help="the model config whose mel code to use"),
+    clips: int = typer.Option(229, "--clips", help="training clips to encode and decode"),
+    json_path: Path = typer.Option(None, "--json", help="also write the report here"),
+) -> None:
+    """How well the runtime's level setting predicts a decoded peak from the mel code (train/level_calibration.py):
+    real clips encoded, decoded, and their decoded peaks against the prediction."""
+    from .data import ClipDataset
+    from .level_calibration import format_calibration, level_calibration
+    from .models.config import load_model_config
+
+    cfg = load_model_config(config)
+    if cfg.latent != "mel":
+        raise typer.BadParameter(
+            f"config {config!r} has latent = {cfg.latent!r}; the level setting is for the mel code"
+        )
+    with data_errors():
+        report = level_calibration(ClipDataset(data), cfg.mel, n_clips=clips)
+    typer.echo(format_calibration(report))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 @app.command("prepare-latents")
 def prepare_latents(
     data: Path = _DATA,

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..level import normalise_level
 from ..logs import task_bar
 from .birdnet import Embedding
 from .checkpoint import ModelSource, load_model_checkpoint
@@ -51,6 +52,7 @@ from .conditioning import encode_prompts
 from .ctm import cfg_teacher_denoiser, student_denoiser
 from .data import ClipDataset
 from .edm import karras_sigmas, sampling_sigmas
+from .latent import MelCodec
 from .losses import mel_l1
 from .models.denoiser import Conditioning
 from .sampling import guided_jump, sample_gamma, sample_heun
@@ -78,8 +80,13 @@ class EvalConfig:
     # real valid clips is used (measured on the cpu dataset with BirdNET: 0.01 -> 0.44, 0.3 -> 0.69, 10 -> 0.56)
     probe_ridges: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     embedding: str = "birdnet"  # "birdnet" | "logmel" | "auto"
+    # "runtime": a mel model's takes are decoded at the level the runtime writes (soundctm_rt/level.py: each code
+    # set to a predicted -1 dBFS peak), so the level figures are what a user gets; "raw": the level the model made
+    level: str = "runtime"
 
     def __post_init__(self) -> None:
+        if self.level not in ("runtime", "raw"):
+            raise ValueError(f"eval: level must be 'runtime' or 'raw', not {self.level!r}")
         if not self.steps or min(self.steps) < 1 or not self.seeds:
             raise ValueError("eval: steps must be >= 1 and at least one seed is needed")
         if any(not 0.0 <= g <= 1.0 for g in self.gammas):
@@ -244,9 +251,11 @@ def generate(
     eps_T: torch.Tensor,
     noises: list[torch.Tensor],
     batch: int,
+    level: str = "runtime",
 ) -> tuple[np.ndarray, float]:
     """Audio [P, samples] of a sampler for the prompts and the given noise, and the wall seconds it took
-    (sampling + decode). eps_T [P, C, T] unit noise; noises: per-step unit noise [P, C, T] each."""
+    (sampling + decode). eps_T [P, C, T] unit noise; noises: per-step unit noise [P, C, T] each. `level`: as
+    EvalConfig.level (the soft limiter is not applied: "beyond ±1.0" counts what it would have to catch)."""
     cfg = src.config
     uncond1 = encode_prompts(src.text, [""], cfg.text.max_length)
     out = []
@@ -256,8 +265,16 @@ def generate(
         cond = encode_prompts(src.text, prompts[j], cfg.text.max_length)
         b = cond.tokens.shape[0]
         x0 = sampler(eps_T[j], cond, uncond1.expand(b), torch.empty(0), [n[j] for n in noises])
-        out.append(src.decode(x0).numpy())
+        out.append(_decode(src, x0, level))
     return np.concatenate(out), time.perf_counter() - t0
+
+
+def _decode(src: ModelSource, x0: torch.Tensor, level: str) -> np.ndarray:
+    if level == "raw" or not isinstance(src.codec, MelCodec):
+        return src.decode(x0).numpy()
+    code = src.denormalise(x0).detach().float().cpu().numpy()
+    dec = src.codec.decoder
+    return dec.decode(normalise_level(dec, code))
 
 
 def teacher_sampler(src: ModelSource, steps: int, omega: float) -> Sampler:
@@ -379,7 +396,7 @@ def evaluate(
         rng = np.random.default_rng(seed)
         teacher_wave = None
         for r, (model, sampler_name, steps, gamma, src, fn) in enumerate(plans):
-            wave, secs = generate(src, fn, prompts, eps_T, noises[: max(steps - 1, 0)], cfg.batch)
+            wave, secs = generate(src, fn, prompts, eps_T, noises[: max(steps - 1, 0)], cfg.batch, cfg.level)
             if r == 0:
                 teacher_wave = wave
             emb = embed(wave, sr)

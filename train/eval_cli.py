@@ -39,12 +39,20 @@ def eval_command(
     ode_steps: int = typer.Option(40, "--ode-steps", help="points of the student's own Heun ODE sampling (0: skip)"),
     max_train_clips: int = typer.Option(800, "--max-train-clips", help="training clips for probe/memorisation"),
     threads: int = typer.Option(None, "--threads", help="torch and BirdNET threads"),
+    level: str = typer.Option(
+        "runtime",
+        "--level",
+        help="runtime: a mel model's takes at the level the runtime writes (each set from its code to a "
+        "predicted -1 dBFS peak); raw: the level the model made",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved evaluation config and exit"),
 ) -> None:
     """Teacher (Heun, CFG) vs student (γ-sampling, own ODE) on the test prompts: FD, KID, probe adherence,
     paired distance to the teacher, memorisation, seconds per clip, with the real-vs-real floor."""
     from .eval import EvalConfig
 
+    if level not in ("runtime", "raw"):
+        raise typer.BadParameter(f"--level must be runtime or raw, not {level!r}")
     cfg = EvalConfig(
         steps=tuple(int(s) for s in _floats(steps, "--steps")),
         gammas=_floats(gammas, "--gammas"),
@@ -55,6 +63,7 @@ def eval_command(
         max_prompts=max_prompts,
         max_train_clips=max_train_clips,
         embedding=embedding,
+        level=level,
     )
     if dry_run:
         typer.echo(json.dumps(dataclasses.asdict(cfg), indent=2))

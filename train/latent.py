@@ -85,12 +85,17 @@ class MelCodec(nn.Module):
         z = torch.log(torch.clamp(mel, min=self.cfg.log_floor))
         return z, torch.zeros_like(z)
 
+    @property
+    def decoder(self) -> MelDecoder:
+        """The runtime's numpy decoder of this code (made on first use)."""
+        if self._decoder is None:
+            self._decoder = MelDecoder(self.cfg)
+        return self._decoder
+
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """log-mel [B, n_mels, T] -> wav [B, T·hop] by the runtime's Griffin-Lim decoder (no gradient)."""
-        if self._decoder is None:
-            self._decoder = MelDecoder(self.cfg)
-        wav = self._decoder.decode(z.detach().float().cpu().numpy())
+        wav = self.decoder.decode(z.detach().float().cpu().numpy())
         return torch.from_numpy(wav).to(z.device)
 
     def intensity_db(self, z: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,12 @@ def serve(
     backend: str = typer.Option("onnxruntime", help="Inference backend: onnxruntime or openvino."),
     engine_device: str = typer.Option("cpu", help="Inference device: cpu, gpu or npu (where the backend has it)."),
     threads: int | None = typer.Option(None, min=1, help="Intra-op threads (default: cores - 1 with audio)."),
+    raw_level: bool = typer.Option(
+        False,
+        "--raw-level",
+        help="Play takes at the level the model made (default: each set from its code to a predicted -1 dBFS "
+        "peak before decoding; the soft limiter applies either way).",
+    ),
 ) -> None:
     """Serve prompts over OSC: /soundctm/generate 'gritty 808 snare' 7 plays it (see docs/osc.md)."""
     from ..bundle import BundleError, resolve_bundle
@@ -130,7 +136,12 @@ def serve(
 
     try:
         engine = Engine(
-            resolve_bundle(bundle), backend=backend, device=engine_device, threads=threads, audio_active=out is not None
+            resolve_bundle(bundle),
+            backend=backend,
+            device=engine_device,
+            threads=threads,
+            audio_active=out is not None,
+            normalise_level=not raw_level,
         )
         daemon = Daemon(engine, cfg, out, sock)
     except (BundleError, OSError, ValueError) as e:
