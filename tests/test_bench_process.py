@@ -65,3 +65,15 @@ def test_pending_output_and_read_rest_return_the_unread_tail() -> None:
     q.wait(timeout=10)
     assert wait_for_line(q, "x", 10) == "x\n"
     assert read_rest(q) == "y\n"
+
+
+def test_output_nobody_waits_for_never_blocks_the_child() -> None:
+    """A daemon that logs more than a pipe holds (64 KiB) while nobody reads must not block in a log call."""
+    p = _child("print('start', flush=True)\nfor i in range(4000): print('log line %05d ' % i + 'x' * 90)\nprint('end')")
+    try:
+        wait_for_line(p, "start", 10)
+        p.wait(timeout=20)  # ~390 KB written after "start": blocks for ever without the drain
+        rest = read_rest(p)
+        assert rest.endswith("end\n") and rest.count("log line") == 4000
+    finally:
+        stop_process(p)
