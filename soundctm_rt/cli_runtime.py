@@ -44,7 +44,7 @@ def generate(
         help="WAV file to write; with --variations K, "
         "K files NAME_000.wav ... or, if the path is a folder, files inside it.",
     ),
-    steps: int | None = typer.Option(None, help="Student steps (default: the bundle's, usually 1)."),
+    steps: int | None = typer.Option(None, help="Student steps (default: the bundle's; 2 for the shipped model)."),
     gamma: float | None = typer.Option(None, help="γ in [0, 1]: 0 = deterministic CTM, 1 = consistency-model."),
     cfg: float | None = typer.Option(None, "--cfg", "--omega", help="Guidance scale ω the student was trained on."),
     nu: float | None = typer.Option(None, help="ν-guidance of the student (1 = none, skips the unconditional pass)."),
