@@ -31,6 +31,9 @@ def cpu(
         "1,4,16", help="Batch sizes for K takes of one prompt (generate_variations); '' skips this part."
     ),
     variation_takes: int = typer.Option(16, min=1, help="Takes per variations run (K)."),
+    cold_runs: int = typer.Option(
+        3, min=0, help="Cold starts timed per backend: new `generate` and `serve` processes (0 skips them)."
+    ),
 ) -> None:
     """Per backend and step count: RTF end to end and per stage, p50/p95/p99, vs torch eager and the peak."""
     if ctx.invoked_subcommand is not None:
@@ -78,6 +81,7 @@ def cpu(
             device=device,
             variation_batches=batch_list,
             variation_takes=variation_takes,
+            cold_runs=cold_runs,
         )
     except BundleError as e:
         typer.secho(f"error: {e}", err=True, fg="red")

@@ -217,6 +217,7 @@ def run_cpu_bench(
     variation_batches: list[int] | None = None,
     variation_takes: int = 16,
     variation_rounds: int = 3,
+    cold_runs: int = 0,
 ) -> dict[str, Any]:
     bundle = Bundle.open(bundle_path)
     report: dict[str, Any] = {
@@ -240,7 +241,10 @@ def run_cpu_bench(
     }
     cells = len(backends) * sum(1 + (s in bundle.fused_steps) for s in steps_list)
     bar = task_bar(
-        cells + (len(steps_list) if torch_eager else 0) + (len(backends) if variation_batches else 0),
+        cells
+        + (len(steps_list) if torch_eager else 0)
+        + (len(backends) if variation_batches else 0)
+        + (len(backends) if cold_runs else 0),
         "bench",
         log,
         logging.WARNING,  # shown unless -q: a full run takes minutes
@@ -266,6 +270,13 @@ def run_cpu_bench(
             report["variations"] += bench_variations(
                 bundle, backend, variation_batches, variation_takes, variation_rounds, threads, device
             )
+            bar.update()
+    if cold_runs:
+        from .cold import cold_start
+
+        report["cold_start"] = []
+        for backend in backends:
+            report["cold_start"].append(cold_start(bundle.root, backend, cold_runs, threads))
             bar.update()
     bar.close()
     report["warnings"] = machine_warnings(report["machine"], threads)
@@ -349,6 +360,10 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['backend']:<12}{mode:<12}{r['path']:<7}{r['takes_per_s']:>9.2f}{r['speedup_vs_sequential']:>10.2f}"
                 f"{r['sample_ms_per_take']:>16.2f}{r['decode_ms_per_take']:>16.2f}"
             )
+    if report.get("cold_start"):
+        from .cold import format_cold
+
+        lines += format_cold(report["cold_start"])
     return "\n".join(lines) + "\n"
 
 

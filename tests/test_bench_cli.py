@@ -30,6 +30,8 @@ def test_bench_json_and_plot(tiny_bundle, tmp_path):
             "--plot",
             str(png),
             "--profile",
+            "--cold-runs",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -69,6 +71,12 @@ def test_bench_json_and_plot(tiny_bundle, tmp_path):
         assert all(v["takes"] == 16 and v["takes_per_s"] > 0 and v["sample_ms_per_take"] > 0 for v in rows)
         assert rows[0]["speedup_vs_sequential"] == 1.0
     assert "takes/s" in r.stdout
+    # cold start: new generate and serve processes per backend, the take apart from the start-up
+    assert [c["backend"] for c in rep["cold_start"]] == ["onnxruntime", "openvino"]
+    for c in rep["cold_start"]:
+        assert c["runs"] == 1 and c["serve_ready_ms"]["p50"] > 0
+        assert 0 < c["generate_take_ms"]["p50"] < c["generate_wall_ms"]["p50"]
+    assert "serve to listening" in r.stdout
 
 
 def test_bench_speedups(tiny_bundle, tmp_path):
