@@ -46,6 +46,13 @@ def export(
     no_batched_fused: bool = typer.Option(
         False, "--no-batched-fused", help="Fused graphs take one take (batch 1) instead of a batch of takes."
     ),
+    decoder_iterations: int | None = typer.Option(
+        None,
+        "--decoder-iterations",
+        min=0,
+        max=64,
+        help="A mel model's Griffin-Lim iterations, written to the bundle (default: the model config's).",
+    ),
 ) -> None:
     """Export a model to an ONNX + OpenVINO bundle, with a parity gate against torch."""
     import logging
@@ -93,6 +100,7 @@ def export(
             min_snr_db=min_snr_db,
             cpu_fusion=not no_cpu_fusion,
             batched_fused=not no_batched_fused,
+            decoder_iterations=decoder_iterations,
         )
         if init:
             assert config is not None  # checked above: --init random needs --config

@@ -26,6 +26,7 @@ from ..backends import BackendOptions, open_file_session
 from ..bundle import write_manifest
 from ..logs import task_bar
 from ..manifest import AudioSpec, EdmSpec, GraphSpec, GuidanceSpec, LatentSpec, LicenseSpec, TextSpec
+from ..melcode import MelCodeConfig
 from ..train.checkpoint import ModelSource
 from ..train.edm import karras_sigmas
 from ..train.models.text import MINILM_LICENSE, MINILM_SOURCE, load_tokenizer, tokenize, tokenizer_file
@@ -97,6 +98,7 @@ class ExportOptions:
     default_steps: int | None = None  # the bundle's default step count (None: the model config's)
     cpu_fusion: bool = True  # fused GELU and attention operators in the student's graphs (cpu_fusion.py)
     batched_fused: bool = True  # fused graphs take a batch of takes of one prompt (dynamic batch dimension)
+    decoder_iterations: int | None = None  # a mel model's Griffin-Lim iterations (None: the model config's)
 
     def __post_init__(self) -> None:
         if not self.steps or any(s < 1 or s > 64 for s in self.steps):
@@ -111,6 +113,8 @@ class ExportOptions:
             raise ValueError(f"default_steps {self.default_steps} must be one of the fused steps {list(self.steps)}")
         if self.caption_corpora and len(self.caption_corpora) != len(self.captions):
             raise ValueError("caption_corpora must name one corpus per caption")
+        if self.decoder_iterations is not None and not 0 <= self.decoder_iterations <= 64:
+            raise ValueError(f"decoder_iterations must be in [0, 64], got {self.decoder_iterations}")
 
     @property
     def compressed_text(self) -> bool:
@@ -484,10 +488,17 @@ def _latent_section(src: ModelSource, opts: ExportOptions) -> dict[str, Any]:
         frame_rate=cfg.latent_rate,
         mean=tuple(src.latent_mean.tolist()),
         std=tuple(src.latent_std.tolist()),
-        mel=cfg.mel.to_dict() if mel else None,
+        mel=_mel_decoder(cfg.mel, opts).to_dict() if mel else None,
         decoder_context=None if mel else cfg.vae.decoder_context,
         stream_chunk=None if mel else opts.stream_chunk,
     ).to_dict()
+
+
+def _mel_decoder(mel: MelCodeConfig, opts: ExportOptions) -> MelCodeConfig:
+    """The model's mel code with the export's decoder settings (they change how it decodes, not the code)."""
+    if opts.decoder_iterations is None:
+        return mel
+    return dataclasses.replace(mel, iterations=opts.decoder_iterations)
 
 
 _MINILM_NOTICE = """all-MiniLM-L6-v2 (sentence-transformers), used here as the frozen text encoder.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -135,13 +137,16 @@ def tiny_mel_bundle(tmp_path_factory):
     from soundctm_rt.train.models.config import load_model_config
 
     src = init_random(load_model_config("tiny-mel"), seed=0)
-    return export_bundle(src, tmp_path_factory.mktemp("mel") / "b", ExportOptions(steps=(1, 2)))
+    assert src.config.mel.iterations != 3
+    opts = ExportOptions(steps=(1, 2), decoder_iterations=3)  # a decoder setting the export may change
+    return export_bundle(src, tmp_path_factory.mktemp("mel") / "b", opts)
 
 
 def test_mel_bundle_has_no_decoder_graphs_and_states_its_code(tiny_mel_bundle):
     b = Bundle.open(tiny_mel_bundle)
     lat = b.manifest["latent"]
     assert lat["kind"] == "mel" and lat["mel"]["n_mels"] == lat["channels"] == 32 and lat["hop"] == 512
+    assert lat["mel"]["iterations"] == 3
     assert len(lat["mean"]) == 32 and len(lat["std"]) == 32
     assert not {"vae_decoder", "vae_decoder_stream"} & set(b.graphs)
     assert b.graph("fused_1").attrs["decode"] is False
@@ -174,6 +179,43 @@ def test_mel_engine_fused_host_and_stream_agree(tiny_mel_bundle, backend):
     scale = float(np.abs(host).max())
     np.testing.assert_allclose(fused, host, atol=1e-3 * scale)
     np.testing.assert_array_equal(streamed, host)
+
+
+def test_mel_variations_decode_side_by_side_and_equal_single_takes(tiny_mel_bundle):
+    """With 2 threads a batch's takes decode on a pool, one per thread; they still leave in seed order and equal
+    their single renders, and a caller that stops reading leaves nothing running."""
+    from soundctm_rt.engine import Engine
+
+    eng = Engine(tiny_mel_bundle, threads=2, warmup=False)
+    takes = list(eng.generate_variations("a dog barking", 5, seed=3, steps=2, batch=3))
+    assert [t.seed for t in takes] == [3, 4, 5, 6, 7]
+    assert eng._pool is not None  # the takes went through the pool
+    for t in takes:
+        ref, _ = eng.generate("a dog barking", seed=t.seed, steps=2)
+        np.testing.assert_allclose(t.audio, ref, atol=1e-5 * float(np.abs(ref).max()))
+    gen = eng.generate_variations("a dog barking", 8, seed=0, steps=1, batch=8)
+    assert next(gen).seed == 0
+    gen.close()  # the other seven are cancelled or already done
+    eng._pool.shutdown(wait=True)
+    one = Engine(tiny_mel_bundle, threads=1, warmup=False)
+    assert [t.seed for t in one.generate_variations("rain", 2, steps=1)] == [0, 1] and one._pool is None
+
+
+def test_decoder_iterations_are_a_runtime_setting(tiny_mel_bundle, tmp_path):
+    from soundctm_rt.engine import Engine
+
+    default = Engine(tiny_mel_bundle, warmup=False)
+    assert default.mel_decoder is not None and default.mel_decoder.cfg.iterations == 3  # the bundle's
+    more = Engine(tiny_mel_bundle, warmup=False, decoder_iterations=12)
+    assert more.mel_decoder is not None and more.mel_decoder.cfg.iterations == 12
+    a, _ = default.generate("rain", seed=1, steps=1)
+    b, _ = more.generate("rain", seed=1, steps=1)
+    assert a.shape == b.shape and not np.allclose(a, b)  # same code, another phase estimate
+    run = [sys.executable, "-m", "soundctm_rt", "generate", "rain", "--bundle", str(tiny_mel_bundle)]
+    ok = subprocess.run([*run, "-o", str(tmp_path / "a.wav"), "--decoder-iterations", "12"], capture_output=True)
+    assert ok.returncode == 0 and (tmp_path / "a.wav").exists(), ok.stderr
+    bad = subprocess.run([*run, "-o", str(tmp_path / "b.wav"), "--decoder-iterations", "-1"], capture_output=True)
+    assert bad.returncode == 2 and b"decoder-iterations" in bad.stderr
 
 
 def test_mel_bundle_without_its_code_is_refused(tiny_mel_bundle, tmp_path):

@@ -11,7 +11,9 @@ signal metrics of report.py:
   * 95 % intervals of KID (half-sampling standard error) and probe accuracy (bootstrap) over the test clips
     (`ci_kid_x1e3`, `ci_probe_accuracy`),
     and each method's wall time per clip (`ms_per_clip`), so a decoder can be chosen from a quality-versus-time
-    curve and adopted "at least as good within the interval".
+    curve and adopted "at least as good within the interval";
+  * the signal distances of report.py to each real clip (`mr_stft`: spectral convergence + log-magnitude L1 at
+    5 resolutions; `mel_l1`), which see what the embedding does not: a phase that is less consistent.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from .birdnet import Embedding
 from .data import ClipDataset
 from .eval import EvalConfig, RidgeProbe, clip_labels, frechet_distance, kid, spread
+from .report import clip_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +97,13 @@ def embedding_report(
                 [fn(torch.from_numpy(real[i : i + batch])).numpy() for i in range(0, len(real), batch)]
             )
         ms = 1e3 * (time.perf_counter() - t0) / len(real)
-        out[name] = {**figures(emb(rec)), "ms_per_clip": ms}
+        signal = clip_metrics(torch.from_numpy(rec), torch.from_numpy(real), sr)
+        out[name] = {
+            **figures(emb(rec)),
+            "ms_per_clip": ms,
+            "mr_stft": float(signal["mr_stft"].mean()),
+            "mel_l1": float(signal["mel_l1"].mean()),
+        }
         logger.info("%s: %s", name, out[name])
     out["config"] = {
         "embedding": embed.name,
