@@ -232,7 +232,8 @@ class Engine:
         """Load and run the default path once (text, a host step, the fused default, both decoders)."""
         d = self.defaults
         self.generate("warm up", seed=0, steps=d["steps"], fused=self.has_fused(d["steps"]))
-        self.generate("warm up", seed=0, steps=1, fused=False)
+        if self.mel_decoder is None:  # a mel code's stream below runs the same step session and decoder
+            self.generate("warm up", seed=0, steps=1, fused=False)
         for _ in self.stream("warm up", seed=0, steps=1):
             pass
         self._cache.pop("warm up", None)
