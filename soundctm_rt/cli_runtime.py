@@ -35,6 +35,17 @@ def usage_error(msg: str) -> typer.Exit:
     return fail(msg, EXIT_USAGE)
 
 
+# shared by `generate` and `serve`
+DECODER_ITERATIONS = typer.Option(
+    None,
+    "--decoder-iterations",
+    min=0,
+    max=64,
+    help="Griffin-Lim iterations of a mel model's decoder (default: the bundle's; more: a more consistent "
+    "phase at ~4 ms each per clip).",
+)
+
+
 def generate(
     prompt: str = typer.Argument(..., help="What to hear, e.g. 'Roland TR-808 kick drum'."),
     output: Path = typer.Option(
@@ -72,14 +83,7 @@ def generate(
         "--raw-level",
         help="Keep the level the model made (no level setting from the code; the soft limiter still applies).",
     ),
-    decoder_iterations: int | None = typer.Option(
-        None,
-        "--decoder-iterations",
-        min=0,
-        max=64,
-        help="Griffin-Lim iterations of a mel model's decoder (default: the bundle's; more: a more consistent "
-        "phase at ~4 ms each per clip).",
-    ),
+    decoder_iterations: int | None = DECODER_ITERATIONS,
 ) -> None:
     """Generate sound from a text prompt and write WAV files."""
     import soundfile as sf

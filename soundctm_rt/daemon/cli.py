@@ -12,6 +12,8 @@ from typing import Any
 
 import typer
 
+from ..cli_runtime import DECODER_ITERATIONS
+
 log = logging.getLogger(__name__)
 
 
@@ -69,14 +71,7 @@ def serve(
         help="Play takes at the level the model made (default: each set from its code to a predicted -1 dBFS "
         "peak before decoding; the soft limiter applies either way).",
     ),
-    decoder_iterations: int | None = typer.Option(
-        None,
-        "--decoder-iterations",
-        min=0,
-        max=64,
-        help="Griffin-Lim iterations of a mel model's decoder (default: the bundle's; more: a more consistent "
-        "phase at ~4 ms each per clip).",
-    ),
+    decoder_iterations: int | None = DECODER_ITERATIONS,
 ) -> None:
     """Serve prompts over OSC: /soundctm/generate 'gritty 808 snare' 7 plays it (see docs/osc.md)."""
     from ..bundle import BundleError, resolve_bundle
