@@ -13,6 +13,8 @@ An Engine is meant for one thread (OpenVINO infer requests are not thread-safe);
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import math
 import os
@@ -29,7 +31,7 @@ from .backends import BackendOptions, Session, open_session
 from .bundle import Bundle, BundleError, bundle_id, cache_root, resolve_bundle
 from .level import normalise_level, soft_limit
 from .limits import MIN_DURATION, clean_prompt
-from .melcode import MelCodeConfig, MelDecoder, denormalise
+from .melcode import MelCodeConfig, MelDecoder, denormalise, preload_fft
 from .sampling import Stopped, draw_noise, karras_sigmas, nu_guided, sample_gamma
 from .text import PromptTokenizer
 
@@ -169,6 +171,12 @@ class Engine:
         self._cache_size = prompt_cache
         self.last_timing: Timing | None = None
         self._pool: ThreadPoolExecutor | None = None
+        if self.mel_decoder is not None:
+            # the backend's package is imported here, on this thread, so that the decoder's FFT import can run
+            # beside the session builds without two threads importing at once (melcode.preload_fft)
+            with contextlib.suppress(ImportError):  # a missing backend is reported when its session opens
+                importlib.import_module("onnxruntime" if backend == "onnxruntime" else "openvino")
+            preload_fft()
         if warmup:
             self.warmup()
 

@@ -171,15 +171,18 @@ def _fgla_project(
 
 
 def _fft() -> ModuleType:
-    """scipy.fft: its rfft is twice numpy's on float32 frames, but importing it costs ~0.25 s, so a decoder starts
-    the import on a thread of its own (`preload_fft`) while the caller opens its sessions, and this waits for it."""
+    """scipy.fft: its rfft is twice numpy's on float32 frames, but importing it costs ~0.25 s, so the Engine starts
+    the import on a thread of its own (`preload_fft`) while it opens its sessions, and this waits for it."""
     import scipy.fft
 
     return scipy.fft
 
 
 def preload_fft() -> None:
-    """Import scipy.fft on a background thread (a later import waits for it under the import lock)."""
+    """Import scipy.fft on a background thread (a later import waits for it under the import lock).
+
+    Call it only once the caller's own imports are done: two threads importing packages that share
+    dependencies at the same time can deadlock in their extension modules' initialisation."""
     if "scipy.fft" in sys.modules:
         return
     threading.Thread(target=importlib.import_module, args=("scipy.fft",), name="import-scipy.fft", daemon=True).start()
@@ -209,7 +212,6 @@ class MelDecoder:
         self.offset = (cfg.hop // 2) % cfg.syn_hop
         self._phases: dict[int, np.ndarray] = {}
         self._inv_wsums: dict[int, np.ndarray] = {}
-        preload_fft()
 
     def _initial_phases(self, K: int) -> np.ndarray:
         """Fixed random unit phases [K, F] complex64 (seeded; made once per clip length)."""

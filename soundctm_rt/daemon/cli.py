@@ -8,7 +8,6 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -131,41 +130,24 @@ def serve(
     # A short GIL switch interval: the OSC thread (receipt stamps) waits at most this long for the interpreter;
     # the audio callback never needs it.
     sys.setswitchinterval(0.001)
-    from ..engine import Engine
-
-    # The model loads on a thread of its own while the audio device opens: onnxruntime releases the interpreter
-    # while it builds and warms its sessions, and the device side spends its time compiling the callback (numba),
-    # so the two overlap on a multi-core machine.
-    loaded: dict[str, Any] = {}
-
-    def _load_engine() -> None:
-        try:
-            loaded["engine"] = Engine(
-                resolve_bundle(bundle),
-                backend=backend,
-                device=engine_device,
-                threads=threads,
-                audio_active=not no_audio,
-                normalise_level=not raw_level,
-                decoder_iterations=decoder_iterations,
-            )
-        except Exception as e:  # raised again on the main thread, which reports the known kinds
-            loaded["error"] = e
-
-    loader = threading.Thread(target=_load_engine, name="load-model", daemon=True)
-    loader.start()
     try:
-        out = open_output(cfg)  # a missing device is reported without waiting for the model
+        out = open_output(cfg)  # opens the device first: a missing one is reported before the model loads
     except NoAudioDevice as e:
         sock.close()
-        err = _err(str(e), 1)
-        loader.join()  # leave only once the loader is out of onnxruntime's code: exiting under it can crash
-        raise err from None
-    loader.join()
+        raise _err(str(e), 1) from None
+    from ..engine import Engine
+
     try:
-        if "error" in loaded:
-            raise loaded["error"]
-        daemon = Daemon(loaded["engine"], cfg, out, sock)
+        engine = Engine(
+            resolve_bundle(bundle),
+            backend=backend,
+            device=engine_device,
+            threads=threads,
+            audio_active=out is not None,
+            normalise_level=not raw_level,
+            decoder_iterations=decoder_iterations,
+        )
+        daemon = Daemon(engine, cfg, out, sock)
     except (BundleError, OSError, ValueError) as e:
         if out is not None:
             out.close()
