@@ -13,6 +13,17 @@ app = typer.Typer(
 )
 
 
+def _step_list(flag: str, text: str) -> list[int]:
+    try:
+        out = [int(s) for s in text.split(",") if s.strip()]
+        if not out or any(not 1 <= s <= 64 for s in out):
+            raise ValueError
+    except ValueError:
+        typer.secho(f"error: {flag} must be integers in [1, 64] separated by commas, got {text!r}", err=True, fg="red")
+        raise typer.Exit(2) from None
+    return out
+
+
 @app.callback()
 def cpu(
     ctx: typer.Context,
@@ -34,6 +45,10 @@ def cpu(
     cold_runs: int = typer.Option(
         3, min=0, help="Cold starts timed per backend: new `generate` and `serve` processes (0 skips them)."
     ),
+    int8: Path | None = typer.Option(
+        None, "--int8", help="Also time INT8 against float32 on this bundle (exported with --int8, same weights)."
+    ),
+    int8_steps: str = typer.Option("1,2", help="Step counts for the --int8 comparison."),
 ) -> None:
     """Per backend and step count: RTF end to end and per stage, p50/p95/p99, vs torch eager and the peak."""
     if ctx.invoked_subcommand is not None:
@@ -45,17 +60,8 @@ def cpu(
     if any(b not in ("onnxruntime", "openvino") for b in backends):
         typer.secho(f"error: --backend must be onnxruntime, openvino or all, not {backend!r}", err=True, fg="red")
         raise typer.Exit(2)
-    try:
-        step_list = [int(s) for s in steps.split(",") if s.strip()]
-        if not step_list or any(not 1 <= s <= 64 for s in step_list):
-            raise ValueError
-    except ValueError:
-        typer.secho(
-            f"error: --steps must be integers in [1, 64] separated by commas, got {steps!r}",
-            err=True,
-            fg="red",
-        )
-        raise typer.Exit(2) from None
+    step_list = _step_list("--steps", steps)
+    int8_step_list = _step_list("--int8-steps", int8_steps)
     from ..engine import MAX_BATCH
 
     try:
@@ -82,6 +88,8 @@ def cpu(
             variation_batches=batch_list,
             variation_takes=variation_takes,
             cold_runs=cold_runs,
+            int8_bundle=int8,
+            int8_steps=int8_step_list,
         )
     except BundleError as e:
         typer.secho(f"error: {e}", err=True, fg="red")

@@ -218,6 +218,8 @@ def run_cpu_bench(
     variation_takes: int = 16,
     variation_rounds: int = 3,
     cold_runs: int = 0,
+    int8_bundle: Path | None = None,
+    int8_steps: list[int] | None = None,
 ) -> dict[str, Any]:
     bundle = Bundle.open(bundle_path)
     report: dict[str, Any] = {
@@ -244,7 +246,8 @@ def run_cpu_bench(
         cells
         + (len(steps_list) if torch_eager else 0)
         + (len(backends) if variation_batches else 0)
-        + (len(backends) if cold_runs else 0),
+        + (len(backends) if cold_runs else 0)
+        + (1 if int8_bundle else 0),
         "bench",
         log,
         logging.WARNING,  # shown unless -q: a full run takes minutes
@@ -278,6 +281,11 @@ def run_cpu_bench(
         for backend in backends:
             report["cold_start"].append(cold_start(bundle.root, backend, cold_runs, threads))
             bar.update()
+    if int8_bundle is not None:
+        from .int8_speed import run_int8_bench
+
+        report["int8"] = run_int8_bench(int8_bundle, backends, int8_steps or [1], runs, warmup, threads, device, PROMPT)
+        bar.update()
     bar.close()
     report["warnings"] = machine_warnings(report["machine"], threads)
     report["ratios"] = ratios(report)
@@ -364,6 +372,10 @@ def format_table(report: dict[str, Any]) -> str:
         from .cold import format_cold
 
         lines += format_cold(report["cold_start"])
+    if report.get("int8"):
+        from .int8_speed import format_int8
+
+        lines += format_int8(report["int8"])
     return "\n".join(lines) + "\n"
 
 

@@ -178,3 +178,44 @@ def test_a_fused_decoder_stays_float(tiny_bundle):
     assert not [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and n.name in names]
     step = onnx.load(str(tiny_bundle / "onnx" / "student_step.onnx"), load_external_data=False)
     assert decoder_nodes(step) == set()
+
+
+def test_bench_times_int8_against_float32(int8_bundle, tmp_path):
+    """`soundctm-rt bench --int8 B`: per backend, float32 and INT8 of one bundle in the same run, with the CPU's
+    features; the step ratio is read from the host path and the take's from the fused one."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "b.json"
+    args = ["--bundle", str(int8_bundle), "--steps", "1", "--runs", "2", "--warmup", "1", "--no-torch"]
+    args += ["--variations", "", "--cold-runs", "0", "--int8", str(int8_bundle), "--int8-steps", "1,2"]
+    r = subprocess.run(
+        [sys.executable, "-m", "soundctm_rt", "bench", *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())["int8"]
+    assert {"avx2", "vnni", "amx_int8"} <= set(rep["cpu_features"])
+    assert [b["backend"] for b in rep["backends"]] == ["onnxruntime", "openvino"]
+    for b in rep["backends"]:
+        cells = {(row["steps"], row["path"]) for row in b["rows"]}
+        assert cells == {(1, "fused"), (1, "host"), (2, "fused"), (2, "host")}
+        for row in b["rows"]:
+            assert row["fp32_total_ms"] > 0 and row["int8_total_ms"] > 0 and row["speedup_total"] > 0
+            assert (row["path"] == "host") == ("speedup_step" in row)
+    assert "INT8 vs float32" in r.stdout
+    # a bundle without INT8 variants is a clear error, not a traceback
+    plain = tmp_path / "plain"
+    shutil.copytree(int8_bundle, plain)
+    m = json.loads((plain / "manifest.json").read_text())
+    m.pop("int8", None)
+    (plain / "manifest.json").write_text(json.dumps(m))
+    r = subprocess.run(
+        [sys.executable, "-m", "soundctm_rt", "bench", *args[:-4], "--int8", str(plain)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 1 and "export it with --int8" in r.stderr and "Traceback" not in r.stderr
