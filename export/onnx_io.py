@@ -25,6 +25,7 @@ OPSET = 18
 SHARE_MIN_BYTES = 1024  # smaller tensors stay inside the graph
 ALIGN = 4096  # page alignment lets onnxruntime map the data
 MAX_BATCH = 64  # the largest batch a graph with a dynamic batch dimension is exported for
+LENGTH_DIM = "length"  # the text encoder's dynamic token length (soundctm_rt.backends pins it by this name)
 
 
 def export_onnx(
@@ -34,11 +35,15 @@ def export_onnx(
     input_names: list[str],
     output_names: list[str],
     dynamic_batch: list[str] | dict[str, int] | None = None,
+    dynamic_length: dict[str, int] | None = None,
+    max_length: int = 0,
 ) -> onnx.ModelProto:
     """Export one wrapper with the dynamo exporter.
 
     `dynamic_batch` names the inputs with a batch dimension, the dynamic dim "batch": a list (dim 0) or
-    {input: axis}. The runtime pins it per session (static shapes for the optimisers, backends.py).
+    {input: axis}. `dynamic_length` ({input: axis}) gives those inputs a dynamic token-length dim "length" in
+    [2, max_length] (the text encoder: the runtime runs a short prompt at a shorter length). The runtime pins
+    both per session (static shapes for the optimisers, backends.py).
     """
     module.eval()
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
@@ -48,6 +53,13 @@ def export_onnx(
         axes = dynamic_batch if isinstance(dynamic_batch, dict) else dict.fromkeys(dynamic_batch, 0)
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         dynamic_shapes = {n: ({axes[n]: batch} if n in axes else None) for n in input_names}
+    if dynamic_length:
+        if max_length < 2:
+            raise ValueError("export_onnx: dynamic_length needs max_length >= 2")
+        length = torch.export.Dim(LENGTH_DIM, min=2, max=max_length)
+        dynamic_shapes = dynamic_shapes or dict.fromkeys(input_names)
+        for n, ax in dynamic_length.items():
+            dynamic_shapes[n] = {**(dynamic_shapes[n] or {}), ax: length}
     import inspect
 
     params = list(inspect.signature(module.forward).parameters)

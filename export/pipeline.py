@@ -27,6 +27,7 @@ from ..bundle import write_manifest
 from ..logs import task_bar
 from ..manifest import AudioSpec, EdmSpec, GraphSpec, GuidanceSpec, LatentSpec, LicenseSpec, TextSpec
 from ..melcode import MelCodeConfig
+from ..text import length_buckets
 from ..train.checkpoint import ModelSource
 from ..train.edm import karras_sigmas
 from ..train.models.text import MINILM_LICENSE, MINILM_SOURCE, load_tokenizer, tokenize, tokenizer_file
@@ -99,6 +100,7 @@ class ExportOptions:
     cpu_fusion: bool = True  # fused GELU and attention operators in the student's graphs (cpu_fusion.py)
     batched_fused: bool = True  # fused graphs take a batch of takes of one prompt (dynamic batch dimension)
     decoder_iterations: int | None = None  # a mel model's Griffin-Lim iterations (None: the model config's)
+    text_length_buckets: bool = True  # the text encoder's token length is dynamic; short prompts run shorter
 
     def __post_init__(self) -> None:
         if not self.steps or any(s < 1 or s > 64 for s in self.steps):
@@ -132,6 +134,7 @@ class _Graph:
     inputs: list[str]
     outputs: list[str]
     dynamic_batch: dict[str, int] = field(default_factory=dict)  # input -> its batch axis
+    dynamic_length: dict[str, int] = field(default_factory=dict)  # input -> its token-length axis
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -169,6 +172,8 @@ def _graphs(src: ModelSource, opts: ExportOptions, p: dict[str, Any]) -> list[_G
             ["input_ids", "attention_mask"],
             ["tokens", "pooled"],
             {"input_ids": 0, "attention_mask": 0},
+            {"input_ids": 1, "attention_mask": 1} if opts.text_length_buckets else {},
+            {"length_buckets": length_buckets(cfg.text.max_length)} if opts.text_length_buckets else {},
         ),
     ]
     x = torch.randn(2, C, T, generator=g) * 5.0
@@ -301,7 +306,16 @@ def export_bundle(src: ModelSource, out: str | Path, opts: ExportOptions | None 
         for gr in graphs:
             t0 = time.perf_counter()
             onnx_path = out / "onnx" / f"{gr.name}.onnx"
-            model = export_onnx(gr.module, gr.args, onnx_path, gr.inputs, gr.outputs, gr.dynamic_batch)
+            model = export_onnx(
+                gr.module,
+                gr.args,
+                onnx_path,
+                gr.inputs,
+                gr.outputs,
+                gr.dynamic_batch,
+                gr.dynamic_length,
+                cfg.text.max_length,
+            )
             inputs, outputs = io_contract(model)
             gr.attrs["flops"] = count_flops(onnx_path)  # before the fusion: it counts MatMul/Gemm/Conv nodes
             if opts.cpu_fusion and fused_for_cpu(gr.name):

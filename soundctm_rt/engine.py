@@ -33,7 +33,7 @@ from .level import normalise_level, soft_limit
 from .limits import MIN_DURATION, clean_prompt
 from .melcode import MelCodeConfig, MelDecoder, denormalise, preload_fft
 from .sampling import Stopped, draw_noise, karras_sigmas, nu_guided, sample_gamma
-from .text import PromptTokenizer
+from .text import PromptTokenizer, bucket_for
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class Engine:
         }
         self.tokenizer = PromptTokenizer(self.bundle.path(m["text"]["tokenizer"]), int(m["text"]["max_length"]))
         self._sessions: dict[str, Session] = {}
+        self._text_buckets = _length_buckets(self.bundle)
         self.int8 = int8
         if int8 and not any(backend in v.files for v in self.bundle.spec.int8.values()):
             raise BundleError(f"this bundle has no INT8 variants for {backend}: re-export it with --int8")
@@ -312,7 +313,16 @@ class Engine:
             self._cache.move_to_end(prompt)
             return hit
         ids, mask = self.tokenizer([prompt])
-        tokens, pooled = self.session("text_encoder").run({"input_ids": ids, "attention_mask": mask})
+        length = ids.shape[1]
+        if self._text_buckets:
+            # a short prompt runs at a short length: the padding is masked out of the encoder's attention, so its
+            # real tokens and pooled vector do not change (bit-identical, tests/test_text_length.py), and the
+            # padded positions the student reads are masked out of its cross-attention as well (zeros here)
+            length = bucket_for(int(mask.sum()), self._text_buckets)
+        feeds = {"input_ids": ids[:, :length], "attention_mask": mask[:, :length]}
+        tokens, pooled = self.session("text_encoder").run(feeds)
+        if length < ids.shape[1]:
+            tokens = np.pad(tokens, [(0, 0), (0, ids.shape[1] - length), (0, 0)])
         cond = Conditioning(tokens.astype(np.float32), mask.astype(np.float32), pooled.astype(np.float32))
         self._cache[prompt] = cond
         if len(self._cache) > self._cache_size:
@@ -666,6 +676,16 @@ class Engine:
         if n >= len(audio):
             return audio.astype(np.float32, copy=False)
         return _fade_out(audio[:n].astype(np.float32, copy=True), int(FADE_SECONDS * self.sample_rate))
+
+
+def _length_buckets(bundle: Bundle) -> list[int]:
+    """The token lengths the text encoder runs at if its length is dynamic; [] (always max_length) for a bundle
+    exported with a fixed length."""
+    spec = bundle.graph("text_encoder")
+    ids = next((i for i in spec.inputs if i["name"] == "input_ids"), None)
+    if ids is None or len(ids["shape"]) < 2 or isinstance(ids["shape"][1], int):
+        return []
+    return [int(b) for b in spec.attrs.get("length_buckets", [])]
 
 
 def _batch_sizes(k: int, batch: int) -> list[int]:
