@@ -317,6 +317,7 @@ def evaluate_control(
             "frame_rate_hz": rate,
             "preset_levels_db": {"high": PRESET_HIGH_DB, "low": PRESET_LOW_DB},
             "intensity_floor_db": INTENSITY_FLOOR_DB,
+            "latent": src.config.latent,
             "total_seconds": time.perf_counter() - t_all,
             "torch_threads": torch.get_num_threads(),
             "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
@@ -464,6 +465,9 @@ def markdown(result: dict[str, Any], png_name: str | None = None) -> str:
     cc = cfg["control"]
     presets = list(cfg["presets"])
     t_max = "" if cc["guidance_max_t"] is None else f" and t ≤ {cc['guidance_max_t']}"
+    mel = cfg.get("latent") == "mel"  # reports before the mel code had a VAE latent
+    reader = " and the intensity read from the mel code" if mel else " and the VAE decoder"
+    decoder = "Griffin-Lim" if mel else "VAE"
     lines = [
         "# Intensity control (METHOD §6)",
         "",
@@ -476,20 +480,32 @@ def markdown(result: dict[str, Any], png_name: str | None = None) -> str:
         f"({cfg['frame_rate_hz']:.2f} Hz; the clip is {cfg['clip_seconds']:.2f} s):",
         "I_j = 10·log10(Σ_n w[n]·y[jL − ⌊L/2⌋ + n]² / Σ_n w[n]·1[in clip] + 1e-8), with w a periodic Hann window",
         "of 2L samples (L the latent hop) centred on frame j's samples: 20·log10 of the Hann-weighted frame RMS",
-        f"(a full-scale sine reads −3 dB), floored softly at {cfg['intensity_floor_db']:.0f} dB. It is differentiable,",
-        "and the control loss is the mean squared dB error to the target over the frames.",
+        f"(a full-scale sine reads −3 dB), floored softly at {cfg['intensity_floor_db']:.0f} dB. Every figure below is",
+        "measured on the decoded waveform.",
+        *(
+            [
+                "The control loss reads the same quantity from the mel code without decoding (METHOD §5b: the",
+                "filterbank's pseudo-inverse gives linear magnitudes, Parseval over the Hann-windowed frame their",
+                "RMS), so its gradient does not pass through phase reconstruction; it is the mean squared dB error",
+                "to the target over the frames.",
+            ]
+            if mel
+            else [
+                "It is differentiable, and the control loss is the mean squared dB error to the target over the frames."
+            ]
+        ),
         "",
         "## Methods",
         "",
         "- **(a) noise optimisation**: Adam on the unit initial noise ε_T through the one-step map",
-        "  x_0 = G(σ_max·ε_T, σ_max, σ_min) and the VAE decoder, ε_T projected back to the sphere of radius √(C·T)",
+        f"  x_0 = G(σ_max·ε_T, σ_max, σ_min){reader}, ε_T projected back to the sphere of radius √(C·T)",
         f"  after each step; {cc['noise_iterations']} iterations, step size {cc['noise_lr']}. Then deterministic",
         "  (γ = 0) sampling from the optimised noise with the chosen step count.",
         "- **(b) loss guidance**: γ = 0 sampling where, before each jump from noise level t "
         f"(t ≥ {cc['guidance_min_t']}{t_max}),",
         f"  x_t is nudged {cc['guidance_iterations']} time(s), x_t ← x_t − ρ·t·∇/rms(∇) with ρ = {cc['guidance_rho']} "
         "and ∇ the gradient",
-        "  of the loss on the decode of x̂_0 = G(x_t, t, σ_min).",
+        f"  of the loss on {'the mel code' if mel else 'the decode'} of x̂_0 = G(x_t, t, σ_min).",
         (
             "- **Level**: both methods control the curve's *shape* (the loss ignores the mean dB error over the "
             "frames), then scale the result by that mean (at most ±30 dB). The `level_only` row is the "
@@ -563,7 +579,8 @@ def markdown(result: dict[str, Any], png_name: str | None = None) -> str:
         '"Same class as uncontrolled": the probe gives the controlled clip the class it gives the '
         "uncontrolled take of the same noise.",
         "",
-        f"Cost: seconds per clip in batches of {cfg['batch']} (sampling, control and VAE decode) and for one clip "
+        f"Cost: seconds per clip in batches of {cfg['batch']} (sampling, control and {decoder} decode) and for one "
+        "clip "
         "alone; each noise-optimisation row is charged the whole optimisation, although one serves both step "
         f"counts. The cases took {cfg['total_seconds'] / 60:.1f} min (after loading, without the probe).",
     ]
