@@ -60,6 +60,11 @@ def _summary(backend: str, steps: int, path: str, timings: list[Timing], flops_s
     return row
 
 
+def step_paths(eng: Engine, steps: int) -> list[str]:
+    """The paths a step count is timed on: the fused graph where the bundle has one, and the host loop."""
+    return (["fused"] if eng.has_fused(steps) else []) + ["host"]
+
+
 def bench_backend(
     bundle: Bundle,
     backend: str,
@@ -74,8 +79,7 @@ def bench_backend(
     flops_step = int(bundle.graph("student_step").attrs.get("flops", 0))
     rows = []
     for steps in steps_list:
-        paths = (["fused"] if eng.has_fused(steps) else []) + ["host"]
-        for path in paths:
+        for path in step_paths(eng, steps):
             timings = []
             for i in range(warmup + runs):
                 eng._cache.clear()  # text encoding is part of every measured generation

@@ -20,34 +20,20 @@ import numpy as np
 from ..backends import cpu_features
 from ..bundle import Bundle, BundleError
 from ..engine import Engine, Timing
+from .cpu import step_paths
 
 log = logging.getLogger(__name__)
 
 
 def bench_int8(
-    bundle_path: Path,
-    backend: str,
-    steps_list: list[int],
-    runs: int,
-    warmup: int,
-    threads: int | None,
-    device: str,
-    prompt: str,
-) -> dict[str, Any]:
-    """Float32 vs INT8 on one backend: per step count, step ms (host) and take ms (fused), medians and ratios.
-
-    Raises:
-        BundleError: the bundle has no INT8 variant for this backend.
-    """
-    bundle = Bundle.open(bundle_path)
-    engines = {
-        "fp32": Engine(bundle, backend=backend, device=device, threads=threads, warmup=True),
-        "int8": Engine(bundle, backend=backend, device=device, threads=threads, warmup=True, int8=True),
-    }
+    engines: dict[str, Engine], steps_list: list[int], runs: int, warmup: int, prompt: str
+) -> list[dict[str, Any]]:
+    """Float32 vs INT8 engines ({"fp32": ..., "int8": ...}) of one backend, one generation after the other: per
+    step count, step ms (host) and take ms (fused), medians and ratios."""
+    backend = engines["fp32"].opts.backend
     rows = []
     for steps in steps_list:
-        paths = (["fused"] if engines["fp32"].has_fused(steps) else []) + ["host"]
-        for path in paths:
+        for path in step_paths(engines["fp32"], steps):
             timings: dict[str, list[Timing]] = {"fp32": [], "int8": []}
             for i in range(warmup + runs):
                 for name, eng in engines.items():
@@ -65,7 +51,7 @@ def bench_int8(
                 row["speedup_step"] = row["fp32_step_ms"] / row["int8_step_ms"]
             rows.append(row)
             log.info("int8 %s %d steps %s: x%.2f", backend, steps, path, row.get("speedup_step", row["speedup_total"]))
-    return {"backend": backend, "bundle": str(bundle.root), "rows": rows}
+    return rows
 
 
 def run_int8_bench(
@@ -89,7 +75,11 @@ def run_int8_bench(
         if backend not in have:
             out.setdefault("skipped", []).append(f"{backend}: the bundle has no INT8 variant for it")
             continue
-        out["backends"].append(bench_int8(bundle_path, backend, steps_list, runs, warmup, threads, device, prompt))
+        engines = {
+            name: Engine(bundle, backend=backend, device=device, threads=threads, warmup=True, int8=name == "int8")
+            for name in ("fp32", "int8")
+        }
+        out["backends"].append({"backend": backend, "rows": bench_int8(engines, steps_list, runs, warmup, prompt)})
     out["seconds"] = time.perf_counter() - t0
     return out
 
