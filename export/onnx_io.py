@@ -25,7 +25,7 @@ OPSET = 18
 SHARE_MIN_BYTES = 1024  # smaller tensors stay inside the graph
 ALIGN = 4096  # page alignment lets onnxruntime map the data
 MAX_BATCH = 64  # the largest batch a graph with a dynamic batch dimension is exported for
-LENGTH_DIM = "length"  # the text encoder's dynamic token length (soundctm_rt.backends pins it by this name)
+LENGTH_DIM = "length"  # the text encoder's dynamic token length (left dynamic at run time: Engine.encode_prompt)
 
 
 def export_onnx(
@@ -42,8 +42,8 @@ def export_onnx(
 
     `dynamic_batch` names the inputs with a batch dimension, the dynamic dim "batch": a list (dim 0) or
     {input: axis}. `dynamic_length` ({input: axis}) gives those inputs a dynamic token-length dim "length" in
-    [2, max_length] (the text encoder: the runtime runs a short prompt at a shorter length). The runtime pins
-    both per session (static shapes for the optimisers, backends.py).
+    [2, max_length] (the text encoder: the runtime runs a short prompt at a shorter length). The runtime pins the
+    batch per session (static shapes for the optimisers, backends.py) and leaves the length dynamic.
     """
     module.eval()
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):

@@ -31,8 +31,9 @@ def length_buckets(max_length: int) -> list[int]:
 
     The encoder's cost is nearly linear in its length (all-MiniLM-L6-v2, 6 layers of 384 wide), and most prompts
     are short ("a dog barking" is 5 tokens with [CLS] and [SEP], "Roland TR-808 snare drum" 10), so a prompt runs
-    at the smallest bucket that holds it instead of at max_length. Few fixed lengths, not the exact one: each is
-    a session of its own (static shapes, backends.py) opened on first use.
+    at the smallest bucket that holds it instead of at max_length. Few fixed lengths, not the exact one: one
+    dynamic-length session serves them all, and the backends keep per-shape work (OpenVINO compiles per input
+    shape), so fewer distinct shapes mean fewer first-time costs.
     """
     out, n = [], 8
     while n < max_length:
