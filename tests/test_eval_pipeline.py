@@ -32,6 +32,11 @@ def test_frechet_distance_closed_forms():
         ca, cb = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
         ref = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(ca + cb) - 2 * np.trace(np.real(linalg.sqrtm(ca @ cb)))
         assert ev.frechet_distance(x, y) == pytest.approx(float(ref), rel=1e-6)
+    # a diverged sampler's takes (inf/NaN embeddings) get a clear error, not LAPACK's "did not converge"
+    bad = a.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="1 of 400 embeddings of the first set are not finite"):
+        ev.frechet_distance(bad, a)
 
 
 def test_kid_separates_shifted_sets():

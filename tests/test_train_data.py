@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from soundctm_rt.train.data import ClipDataset, DataConfig, Source, choose_crops, list_files
+from soundctm_rt.train.data import (
+    ClipDataset,
+    DataConfig,
+    Source,
+    balanced_items,
+    choose_crops,
+    class_repeat_factors,
+    list_files,
+)
 from soundctm_rt.train.loop import DistEnv, batches, lr_at, step_generator
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -208,3 +216,17 @@ def test_ddp_shards_make_the_single_process_batch() -> None:
     assert not torch.equal(a, torch.rand(3, generator=step_generator(0, 6)))
     assert lr_at(0, 1.0, 10, 100, 0.1) == 0.0 and lr_at(10, 1.0, 10, 100, 0.1) == 1.0
     assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_class_repeat_factors_balance_the_rare_classes():
+    labels = ["kick"] * 16 + ["clap"] * 4 + ["bark"] * 1 + ["held-out"] * 3
+    idx = np.arange(21)  # the held-out clips are not training clips and do not count
+    assert class_repeat_factors(labels, idx, 0.0).tolist() == [1] * 21
+    r = class_repeat_factors(labels, idx, 0.5)
+    assert r[:16].tolist() == [1] * 16 and r[16:20].tolist() == [2] * 4 and r[20] == 4
+    full = balanced_items(labels, idx, 1.0)  # every class the same share
+    counts = {lab: sum(labels[i] == lab for i in full) for lab in ("kick", "clap", "bark")}
+    assert counts == {"kick": 16, "clap": 16, "bark": 16}
+    assert balanced_items(labels, idx, 0.0) is idx
+    with pytest.raises(ValueError, match="power"):
+        class_repeat_factors(labels, idx, -1.0)

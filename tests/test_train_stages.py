@@ -127,9 +127,11 @@ def test_teacher_trains_samples_and_resumes(dataset: Path, vae_run: Path, tmp_pa
     assert src.provenance["stage"] == "teacher" and src.latent_std.shape == (8,)
     assert (run / "final" / "teacher_ema_fp16.safetensors").is_file()
 
-    full = train_teacher("tiny", dataset, vae_run, tmp_path / "full", threads=1)
-    part = train_teacher("tiny", dataset, vae_run, tmp_path / "part", max_steps=3, threads=1)
-    train_teacher("tiny", dataset, vae_run, part, resume=True, threads=1)
+    # class-balanced epochs (repeat-factor sampling) resume exactly too: the epoch is a pure function of labels
+    full = train_teacher("tiny", dataset, vae_run, tmp_path / "full", threads=1, class_balance=0.5)
+    part = train_teacher("tiny", dataset, vae_run, tmp_path / "part", max_steps=3, threads=1, class_balance=0.5)
+    train_teacher("tiny", dataset, vae_run, part, resume=True, threads=1, class_balance=0.5)
+    assert json.loads((part / "config.json").read_text())["teacher_train"]["class_balance"] == 0.5
     _assert_same_state(_ckpt(full), _ckpt(part))
     assert _losses(full) == _losses(part)
 

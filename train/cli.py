@@ -400,6 +400,9 @@ def teacher(
     threads: int = _THREADS,
     steps: int = typer.Option(None, "--steps", help="override teacher_train.steps"),
     batch_size: int = typer.Option(None, "--batch-size", help="override teacher_train.batch_size (global)"),
+    class_balance: float = typer.Option(
+        None, "--class-balance", help="override teacher_train.class_balance (0 plain epochs, 0.5 square-root balance)"
+    ),
     init_from: Path = typer.Option(
         None, "--init-from", help="start a new run from a teacher checkpoint's weights (e.g. models/teacher_model...)"
     ),
@@ -408,7 +411,8 @@ def teacher(
     from .teacher_train import resolve, train_teacher
 
     if dry_run:
-        typer.echo(json.dumps(resolve(config, data, vae_run, steps=steps, batch_size=batch_size)[2], indent=2))
+        over = {"steps": steps, "batch_size": batch_size, "class_balance": class_balance}
+        typer.echo(json.dumps(resolve(config, data, vae_run, **over)[2], indent=2))
         return
     with data_errors():
         train_teacher(
@@ -422,6 +426,7 @@ def teacher(
             init_from=init_from,
             steps=steps,
             batch_size=batch_size,
+            class_balance=class_balance,
         )
 
 

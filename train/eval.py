@@ -29,7 +29,6 @@ the nearest-neighbour similarity of the real test clips are the references for a
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -50,7 +49,7 @@ from .birdnet import Embedding
 from .checkpoint import ModelSource, load_model_checkpoint
 from .conditioning import encode_prompts
 from .ctm import cfg_teacher_denoiser, student_denoiser
-from .data import ClipDataset
+from .data import ClipDataset, clip_labels
 from .edm import karras_sigmas, sampling_sigmas
 from .latent import MelCodec
 from .losses import mel_l1
@@ -105,6 +104,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     symmetric PSD matrix X_a Σ_b X_aᵀ/(N_a − 1) (X_a centred; N_a × N_a, small when N_a < D) or else of
     Σ_a^½ Σ_b Σ_a^½ (D × D): exact, and no general matrix square root.
     """
+    for name, x in (("first", a), ("second", b)):
+        if not np.isfinite(x).all():
+            bad = int((~np.isfinite(x).all(1)).sum())
+            raise ValueError(f"Fréchet distance: {bad} of {len(x)} embeddings of the {name} set are not finite")
     mu_a, mu_b = a.mean(0), b.mean(0)
     xa = a - mu_a
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -207,20 +210,6 @@ def mean_ci(values: list[float]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- data side
-
-
-def clip_labels(ds: ClipDataset) -> list[str]:
-    """The class label of every clip: the `label` column of its source CSV when there is one (drum instrument
-    code, ESC-10 class), else its caption."""
-    by_path: dict[str, str] = {}
-    for src in ds.meta.get("sources", []):
-        if not src.get("captions") or not Path(src["captions"]).is_file():
-            continue
-        with open(src["captions"], newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if row.get("label"):
-                    by_path[os.path.normpath(str(Path(src["audio"]) / row["path"].strip()))] = row["label"].strip()
-    return [by_path.get(os.path.normpath(r["source"]), r["caption"]) for r in ds.rows]
 
 
 def spread(idx: np.ndarray, k: int) -> np.ndarray:

@@ -34,7 +34,7 @@ from torch import nn
 
 from .checkpoint import TEACHER_CHECKPOINT, ModelSource, save_model_checkpoint
 from .conditioning import CaptionTable, encode_prompts, sample_prompts, sample_split
-from .data import ClipDataset, check_splits
+from .data import ClipDataset, balanced_items, check_splits, clip_labels
 from .edm import karras_sigmas
 from .latent import Codec, decode_latent, normalise, resolve_latent
 from .loop import EMA, RunDir, save_safetensors, shard, step_generator, wrap_ddp
@@ -59,6 +59,7 @@ class TeacherTrainConfig(AdamWStageConfig):
     batch_size: int = 32  # global batch of clips
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # METHOD §3.1
+    class_balance: float = 0.0  # repeat-factor power per clip label (data.class_repeat_factors); 0: plain epochs
     sample_every: int = 1000
     sample_prompts: tuple[str, ...] = ()  # empty: 8 captions of the test split (of train, without test clips)
     sample_steps: int = 40  # Karras grid points of the Heun sampler (METHOD §1: N = 40)
@@ -72,6 +73,8 @@ class TeacherTrainConfig(AdamWStageConfig):
             raise ValueError("[teacher_train] caption_dropout and ema_decay must be in [0, 1)")
         if self.sample_steps < 2:
             raise ValueError("[teacher_train] sample_steps must be >= 2")
+        if self.class_balance < 0:
+            raise ValueError("[teacher_train] class_balance must be >= 0")
 
 
 def resolve(
@@ -151,14 +154,18 @@ def train_teacher(
             ema.load_state_dict(init)
         lossmod = wrap_ddp(TeacherLoss(denoiser), env)
         dev = env.device
-        train_idx = ds.indices("train")
+        train_clips = ds.indices("train")
+        train_idx = balanced_items(clip_labels(ds), train_clips, tcfg.class_balance)
         has_valid = len(ds.indices("valid")) > 0
         cap_rows = table.rows(ds.captions)
         c, T = model_cfg.latent_channels, model_cfg.dit.latent_frames
         logger.info(
-            "teacher %s params, %d training clips, %d captions, %d steps (global batch %d), %d process(es)",
+            "teacher %s params, %d training clips (%d per epoch, class balance %g), %d captions, %d steps "
+            "(global batch %d), %d process(es)",
             f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f} M",
+            len(train_clips),
             len(train_idx),
+            tcfg.class_balance,
             len(table.names) - 1,
             end_step,
             tcfg.batch_size,
