@@ -134,7 +134,7 @@ def test_ema_is_updated_after_every_step_and_resume_is_exact(
 ) -> None:
     from soundctm_rt.train.distill_train import train_distill
 
-    over = {"sample_steps": (), "ckpt_every": 2}
+    over = {"sample_steps": (), "ckpt_every": 2, "class_balance": 1.0}  # balanced epochs resume exactly too
     full = train_distill("tiny", teacher_run, distill_dataset, tmp_path / "full", threads=1, steps=3, **over)
     part = train_distill(
         "tiny", teacher_run, distill_dataset, tmp_path / "part", max_steps=2, threads=1, steps=3, **over

@@ -526,11 +526,15 @@ def distill(
     ema_decay: float = typer.Option(
         None, "--ema-decay", help="override [distill].ema_decay, μ of the target θ⁻ (METHOD §3.6 says 0.999)"
     ),
+    class_balance: float = typer.Option(
+        None, "--class-balance", help="override [distill].class_balance (0 plain epochs, 0.5 square-root balance)"
+    ),
 ) -> None:
     """Distil the teacher into a SoundCTM student (METHOD §3); ends with final/student_model.safetensors."""
     from .distill_train import resolve, train_distill
 
     over = {"steps": steps, "batch_size": batch_size, "distance": distance, "max_n": max_n, "ema_decay": ema_decay}
+    over["class_balance"] = class_balance
     if dry_run:
         typer.echo(json.dumps(resolve(config, teacher_run, data, **over)[2], indent=2))
         return

@@ -52,7 +52,7 @@ from .ctm import (
     student_from_teacher,
     teacher_solve,
 )
-from .data import ClipDataset, cache_latents, check_splits
+from .data import ClipDataset, balanced_items, cache_latents, check_splits, clip_labels
 from .latent import normalise
 from .loop import EMA, DistEnv, RunDir, barrier, shard, step_generator, wrap_ddp
 from .models.config import EDMConfig, ModelConfig, load_model_config
@@ -72,6 +72,7 @@ class DistillConfig(StageConfig):
     betas: tuple[float, float] = (0.9, 0.999)  # RAdam defaults
     ema_decay: float = 0.999  # METHOD §3.6: μ of θ⁻, updated after every optimiser step
     caption_dropout: float = 0.1  # METHOD §3.1
+    class_balance: float = 0.0  # repeat-factor power per clip label (data.class_repeat_factors); 0: plain epochs
     N: int = 40  # METHOD §1: Karras grid points of training (k = 0 is σ_max)
     max_n: int = 0  # largest teacher solver step count; 0 = N − 1 (METHOD §3.2); smaller is a CPU-scale cap
     distance: str = "teacher_features"  # METHOD §3.7; "l2" is the ablation
@@ -102,6 +103,8 @@ class DistillConfig(StageConfig):
             raise ValueError("[distill] default_omega must lie in [omega_min, omega_max]")
         if not 0.0 <= self.dsm_karras_r_max <= 1.0 or self.lambda_dsm < 0:
             raise ValueError("[distill] dsm_karras_r_max must be in [0, 1] and lambda_dsm >= 0")
+        if self.class_balance < 0:
+            raise ValueError("[distill] class_balance must be >= 0")
 
     @property
     def n_max(self) -> int:
@@ -301,14 +304,16 @@ def train_distill(
         state = TrainState({"model": student, "ema": ema}, opt)
         lossmod = wrap_ddp(CTMLoss(student, teacher_net, dcfg.distance, dcfg.lambda_dsm), env)
         grid = grid_sigmas(dcfg.N, model_cfg.edm).to(dev)
-        train_idx = ds.indices("train")
+        train_clips = ds.indices("train")
+        train_idx = balanced_items(clip_labels(ds), train_clips, dcfg.class_balance)
         cap_rows = table.rows(ds.captions)
         c, T = model_cfg.latent_channels, model_cfg.dit.latent_frames
         mu, std = src.latent_mean, src.latent_std
         logger.info(
-            "distill: student %.2f M params, %d training clips, N=%d, n<=%d (E[2n]=%.1f teacher passes), "
-            "distance %s, %d steps (global batch %d), %d process(es)",
+            "distill: student %.2f M params, %d training clips (%d per epoch), N=%d, n<=%d "
+            "(E[2n]=%.1f teacher passes), distance %s, %d steps (global batch %d), %d process(es)",
             sum(p.numel() for p in student.parameters()) / 1e6,
+            len(train_clips),
             len(train_idx),
             dcfg.N,
             dcfg.n_max,
