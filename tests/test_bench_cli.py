@@ -41,6 +41,8 @@ def test_bench_json_and_plot(tiny_bundle, tmp_path):
     rep = json.loads(out.read_text())
     assert {"machine", "bundle", "peak_gflops", "results", "torch_eager"} <= set(rep)
     assert rep["peak_gflops"] > 0
+    # sampled at the start, before each backend and at the end; the reference is the best sample
+    assert len(rep["peak_samples_gflops"]) == 4 and rep["peak_gflops"] == max(rep["peak_samples_gflops"])
     keys = {"backend", "steps", "rtf_p50", "rtf_p95", "rtf_p99", "stages_ms", "audio_seconds"}
     cells = {(row["backend"], row["steps"], row["path"]) for row in rep["results"]}
     for backend in ("onnxruntime", "openvino"):
