@@ -193,6 +193,24 @@ def test_noise_optimisation_lowers_the_error(tiny, settings):
     assert len(res.loss_trace) == 12 and np.all(np.array(res.loss_trace[-1]) < np.array(res.loss_trace[0]))
 
 
+@pytest.mark.parametrize("tiny", ["tiny", "tiny-mel"], indirect=True)
+def test_noise_is_optimised_through_the_sampler_it_is_sampled_with(tiny):
+    """The first iteration's error is that of the uncontrolled γ = 0 take with the asked step count (or of the
+    one-step map with noise_through_sampler off): the loss sees the take the user gets."""
+    src, _, jump, target, eps, noises = tiny
+
+    def first_error(steps: int) -> np.ndarray:
+        with torch.no_grad():
+            x0 = C.sample_uncontrolled(src, jump, eps, noises, steps, 0.0).x0
+            return C.db_rmse(C.loss_features(src, x0)[0], target).numpy()
+
+    for through, want in ((True, 3), (False, 1)):
+        cfg = C.ControlConfig(noise_iterations=1, timbre_weight=0.0, noise_through_sampler=through)
+        _, trace = C.optimise_noise(src, jump, eps, target, cfg, steps=3)
+        np.testing.assert_allclose(trace[0], first_error(want), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(first_error(3), first_error(1), rtol=1e-3)  # the two maps do differ
+
+
 @pytest.mark.parametrize("settings", SETTINGS, ids=["absolute", "match_level", "timbre"])
 @pytest.mark.parametrize("tiny", ["tiny", "tiny-mel"], indirect=True)
 def test_loss_guidance_lowers_the_error(tiny, settings):

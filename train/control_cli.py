@@ -266,6 +266,11 @@ def eval_control_command(
     seed: int = typer.Option(0, "--seed", min=0, help="prompt k uses seed + k"),
     noise_iterations: int = typer.Option(None, "--noise-iterations", help="(a) Adam iterations"),
     noise_lr: float = typer.Option(None, "--noise-lr", help="(a) Adam step size"),
+    noise_through_sampler: bool = typer.Option(
+        None,
+        "--noise-through-sampler/--one-step-map",
+        help="(a) differentiate the take of the row's step count (default), or METHOD §6's one-step map",
+    ),
     guidance_iterations: int = typer.Option(None, "--guidance-iterations", help="(b) nudges before each jump"),
     guidance_rho: float = typer.Option(None, "--guidance-rho", help="(b) nudge size relative to t"),
     timbre_weight: float = typer.Option(None, "--timbre-weight", help="weight of the timbre anchor (0: off)"),
@@ -288,6 +293,7 @@ def eval_control_command(
         for k, v in {
             "noise_iterations": noise_iterations,
             "noise_lr": noise_lr,
+            "noise_through_sampler": noise_through_sampler,
             "guidance_iterations": guidance_iterations,
             "guidance_rho": guidance_rho,
             "timbre_weight": timbre_weight,

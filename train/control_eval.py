@@ -8,7 +8,8 @@ it (soundctm_rt.sampling.draw_noise with seed + prompt index), so the uncontroll
   * uncontrolled: γ = 0 sampling at `fast_steps` (the real-time default) and at `steps`;
   * level_only (reference): the uncontrolled take at `steps` scaled by the gain that meets the target's mean
     level (train.control.with_level): what a gain alone does, without generative control;
-  * noise_optimisation (a): ε_T optimised once through the one-step map, then γ = 0 at both step counts;
+  * noise_optimisation (a): ε_T optimised per step count through that γ = 0 sampler (or, with
+    noise_through_sampler off, through the one-step map), then γ = 0 sampling;
   * loss_guidance (b): γ = 0 sampling at `steps` with the loss-guidance nudges.
 With match_level, (a) and (b) control the curve's shape and then take the same kind of gain as level_only.
 Per row: dB RMSE of the result's intensity (train.control.intensity_db) to the target (mean with a normal 95 %
@@ -43,18 +44,16 @@ from .control import (
     INTENSITY_FLOOR_DB,
     ControlConfig,
     intensity_db,
-    optimise_noise,
     sample_loss_guided,
+    sample_noise_optimised,
     sample_uncontrolled,
     student_jump,
     with_level,
 )
 from .control_curves import PRESET_HIGH_DB, PRESET_LOW_DB, PRESETS, preset_points, resample
 from .data import ClipDataset
-from .edm import sampling_sigmas
 from .eval import RidgeProbe, clip_labels, spread
 from .figures import class_examples
-from .sampling import sample_gamma
 
 logger = logging.getLogger(__name__)
 
@@ -132,17 +131,10 @@ def run_batch(
         out[("uncontrolled", n)] = (y, r.seconds + dt)
         if n == cfg.steps:  # reference: the gain alone, no generative control
             out[("level_only", n)] = (with_level(y, target, hop)[0], r.seconds + dt)
-    t0 = time.perf_counter()
-    eps_opt, _ = optimise_noise(src, jump, eps_T, target, cfg.control)
-    t_opt = time.perf_counter() - t0
-    for n in step_counts:  # one optimisation serves both step counts; each row is charged for it
-        t0 = time.perf_counter()
-        sig = sampling_sigmas(n, mc.edm)
-        with torch.no_grad():
-            x0 = sample_gamma(jump, sig[0] * eps_opt, sig, 0.0, [torch.zeros_like(eps_opt)] * (n - 1), mc.edm.sigma_min)
-        t_sample = time.perf_counter() - t0
-        y, dt = _timed_decode(src, x0)
-        out[("noise_optimisation", n)] = (leveled(y), t_opt + t_sample + dt)
+    for n in step_counts:  # each step count gets its own optimisation (through its sampler) and pays for it
+        r = sample_noise_optimised(src, jump, eps_T, target, n, cfg.control)
+        y, dt = _timed_decode(src, r.x0)
+        out[("noise_optimisation", n)] = (leveled(y), r.seconds + dt)
     r = sample_loss_guided(src, jump, eps_T, noises, target, cfg.steps, 0.0, cfg.control)
     y, dt = _timed_decode(src, r.x0)
     out[("loss_guidance", cfg.steps)] = (leveled(y), r.seconds + dt)
@@ -497,10 +489,15 @@ def markdown(result: dict[str, Any], png_name: str | None = None) -> str:
         "",
         "## Methods",
         "",
-        "- **(a) noise optimisation**: Adam on the unit initial noise ε_T through the one-step map",
-        f"  x_0 = G(σ_max·ε_T, σ_max, σ_min){reader}, ε_T projected back to the sphere of radius √(C·T)",
+        (
+            "- **(a) noise optimisation**: Adam on the unit initial noise ε_T through the γ = 0 sampler of the row's "
+            "step count (at 1 step the one-step map"
+            if cc.get("noise_through_sampler", False)
+            else "- **(a) noise optimisation**: Adam on the unit initial noise ε_T through the one-step map ("
+        ),
+        f"  x_0 = G(σ_max·ε_T, σ_max, σ_min)){reader}, ε_T projected back to the sphere of radius √(C·T)",
         f"  after each step; {cc['noise_iterations']} iterations, step size {cc['noise_lr']}. Then deterministic",
-        "  (γ = 0) sampling from the optimised noise with the chosen step count.",
+        "  (γ = 0) sampling from the optimised noise with the row's step count.",
         "- **(b) loss guidance**: γ = 0 sampling where, before each jump from noise level t "
         f"(t ≥ {cc['guidance_min_t']}{t_max}),",
         f"  x_t is nudged {cc['guidance_iterations']} time(s), x_t ← x_t − ρ·t·∇/rms(∇) with ρ = {cc['guidance_rho']} "
@@ -515,7 +512,11 @@ def markdown(result: dict[str, Any], png_name: str | None = None) -> str:
         ),
         (
             f"- **Timbre anchor** weight {cc['timbre_weight']}: the loss also keeps the long-term spectral shape of "
-            "the uncontrolled one-step take."
+            + (
+                "the uncontrolled take with the same step count."
+                if cc.get("noise_through_sampler", False)
+                else "the uncontrolled one-step take."
+            )
             if cc.get("timbre_weight")
             else ""
         ),
