@@ -582,8 +582,13 @@ def markdown(result: dict[str, Any], png_name: str | None = None) -> str:
         "",
         f"Cost: seconds per clip in batches of {cfg['batch']} (sampling, control and {decoder} decode) and for one "
         "clip "
-        "alone; each noise-optimisation row is charged the whole optimisation, although one serves both step "
-        f"counts. The cases took {cfg['total_seconds'] / 60:.1f} min (after loading, without the probe).",
+        "alone; each noise-optimisation row is charged its own optimisation"
+        + (
+            " (through its step count's sampler)."
+            if cc.get("noise_through_sampler", False)
+            else ", although one serves both step counts."
+        )
+        + f" The cases took {cfg['total_seconds'] / 60:.1f} min (after loading, without the probe).",
     ]
     if png_name:
         lines += ["", f"![target vs achieved intensity over spectrograms]({png_name})", ""]
