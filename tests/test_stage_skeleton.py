@@ -47,7 +47,15 @@ def test_stage_tables_keep_their_keys() -> None:
     adamw = common | {"lr", "warmup", "final_lr_ratio", "betas", "weight_decay", "grad_clip", "sample_every"}
     expected = {
         TeacherTrainConfig: adamw
-        | {"ema_decay", "caption_dropout", "sample_prompts", "sample_steps", "sample_omega", "sample_seed"},
+        | {
+            "ema_decay",
+            "caption_dropout",
+            "class_balance",
+            "sample_prompts",
+            "sample_steps",
+            "sample_omega",
+            "sample_seed",
+        },
         VAETrainConfig: adamw | {"segment_frames", "stft_weight", "mel_weight", "kl_weight", "ema_decay", "eval_clips"},
         VAEDecoderTrainConfig: adamw | {"segment_frames", "stft_weight", "mel_weight", "latent_noise", "eval_clips"},
         DistillConfig: common
@@ -56,6 +64,7 @@ def test_stage_tables_keep_their_keys() -> None:
             "betas",
             "ema_decay",
             "caption_dropout",
+            "class_balance",
             "N",
             "max_n",
             "distance",
