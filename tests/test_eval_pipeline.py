@@ -212,6 +212,8 @@ def test_reconstruction_embedding_report_and_verdict(distill_dataset: Path):  # 
     assert set(rep) >= {"real_test", "identity", "noise", "config"}
     assert rep["identity"]["fd"] == pytest.approx(rep["real_test"]["fd"])
     assert rep["identity"]["probe_accuracy"] == rep["real_test"]["probe_accuracy"]
+    per_class = rep["identity"]["per_class_probe_accuracy"]
+    assert set(per_class) == {"tone", "noise", "click"} and per_class == rep["real_test"]["per_class_probe_accuracy"]
     assert rep["noise"]["kid_x1e3"] > rep["identity"]["kid_x1e3"]
     assert adoption_verdict(rep, "noise", ["identity"])["adopt"] is False
     for name in ("identity", "noise", "real_test"):

@@ -71,7 +71,12 @@ def embedding_report(
     halves = [pick.permutation(n_test)[: n_test // 2] for _ in range(bootstrap // 2)]
 
     def figures(e: np.ndarray) -> dict[str, Any]:
-        correct = np.array([p == t for p, t in zip(probe.predict(e), test_labels, strict=True)], dtype=np.float64)
+        predicted = probe.predict(e)
+        correct = np.array([p == t for p, t in zip(predicted, test_labels, strict=True)], dtype=np.float64)
+        per_class = {
+            c: float(np.mean([ok for ok, t in zip(correct, test_labels, strict=True) if t == c]))
+            for c in sorted(set(test_labels))
+        }
         k = 1e3 * kid(e, e_ref, cfg.kid_subsets, cfg.kid_subset_size, rng)
         # KID is an unbiased U-statistic, and a bootstrap resample's duplicates would bias it upwards: its
         # interval comes from half-samples without replacement instead (the variance of a half-sample
@@ -84,6 +89,8 @@ def embedding_report(
             "probe_accuracy": float(correct.mean()),
             "ci_kid_x1e3": [float(k - 1.96 * se), float(k + 1.96 * se)],
             "ci_probe_accuracy": [float(v) for v in np.percentile(correct[boot].mean(1), [2.5, 97.5])],
+            # per class label: a decoder that loses one class (a bark, a crow) shows here, not in the average
+            "per_class_probe_accuracy": per_class,
         }
 
     real = ds.wave(test_idx)
