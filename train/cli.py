@@ -533,8 +533,14 @@ def distill(
     """Distil the teacher into a SoundCTM student (METHOD §3); ends with final/student_model.safetensors."""
     from .distill_train import resolve, train_distill
 
-    over = {"steps": steps, "batch_size": batch_size, "distance": distance, "max_n": max_n, "ema_decay": ema_decay}
-    over["class_balance"] = class_balance
+    over = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "distance": distance,
+        "max_n": max_n,
+        "ema_decay": ema_decay,
+        "class_balance": class_balance,
+    }
     if dry_run:
         typer.echo(json.dumps(resolve(config, teacher_run, data, **over)[2], indent=2))
         return

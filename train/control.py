@@ -23,7 +23,7 @@ prompt's sound into whatever noise fits the curve.
 
 With the mel code (METHOD §5b) the loss reads both the intensity and the timbre profile from the latent itself
 (`loss_features`): no decode, and a gradient that does not pass through phase reconstruction. With a VAE latent
-the loss decodes. Both methods of METHOD §6 use the one-step map x̂_0 = G(x_t, t, σ_min):
+the loss decodes. METHOD §6 has both methods use the one-step map x̂_0 = G(x_t, t, σ_min); (b) does:
   (a) `optimise_noise`: Adam on the unit initial noise ε_T (x_T = σ_max·ε_T), loss on the decoded intensity
       of G(σ_max·ε_T, σ_max, σ_min), ε_T projected back to the sphere of radius √(C·T) after every step so it
       stays a typical Gaussian draw; then deterministic γ = 0 sampling from it (`sample_noise_optimised`).
@@ -64,7 +64,7 @@ class ControlConfig:
 
     # Defaults from `soundctm-rt eval-control` sweeps of the shipped student, which trade the curve's error against
     # keeping the prompt's sound (the figures: docs/experiments/control-defaults.md).
-    # (a) noise optimisation: Adam on ε_T through the one-step map.
+    # (a) noise optimisation: Adam on ε_T through the sampler of the asked step count (or the one-step map).
     noise_iterations: int = 30  # Adam steps (each one forward + backward through G and the decoder)
     noise_lr: float = 0.02  # Adam step size in units of the unit-variance noise ε_T
     noise_through_sampler: bool = True  # loss on the n-step γ = 0 take (False: METHOD §6's one-step map)
